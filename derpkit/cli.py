@@ -1,0 +1,34 @@
+"""The ``derpkit`` command: one entry point, one subcommand per tool."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: derpkit <command> [flags]
+
+commands:
+  serve     run a DERP + STUN server (derper's flags and env vars)
+  stunc     send one STUN binding request and print the mapped address
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "-help", "--help", "help"):
+        sys.stderr.write(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        from derpkit.server.app import main as serve_main
+
+        return serve_main(rest)
+    if cmd == "stunc":
+        from derpkit.stunc.cli import main as stunc_main
+
+        return stunc_main(rest)
+    sys.stderr.write(f"derpkit: unknown command {cmd!r}\n{USAGE}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

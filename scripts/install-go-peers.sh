@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install Tailscale's own Go programs, at one pinned release, as peers for the interop tests.
+# Repeat runs are fast: `go install` reuses the module and build caches.
+set -euo pipefail
+TAILSCALE_VERSION="${TAILSCALE_VERSION:-v1.102.3}"
+if ! command -v go >/dev/null 2>&1; then
+  echo "install-go-peers: no Go toolchain; interop tests will be skipped" >&2
+  exit 0
+fi
+GOBIN="${GOBIN:-$(go env GOPATH)/bin}"
+export GOBIN
+for cmd in derper derpprobe stunc; do
+  if [ -x "$GOBIN/$cmd" ] && [ -f "$GOBIN/.$cmd.version" ] && [ "$(cat "$GOBIN/.$cmd.version")" = "$TAILSCALE_VERSION" ]; then
+    continue
+  fi
+  echo "install-go-peers: go install tailscale.com/cmd/$cmd@$TAILSCALE_VERSION" >&2
+  go install "tailscale.com/cmd/$cmd@$TAILSCALE_VERSION"
+  echo "$TAILSCALE_VERSION" > "$GOBIN/.$cmd.version"
+done
+echo "install-go-peers: $TAILSCALE_VERSION in $GOBIN" >&2
