@@ -1,0 +1,506 @@
+"""One DERP client connection on the server: handshake, frame dispatch, send queue.
+
+The connection is an asyncio ``Protocol`` that parses frames straight from
+``data_received``; after the HTTP upgrade nothing passes through aiohttp. Writes are
+batched per event-loop turn (several frames per syscall under load, like derper's
+buffered writer). While the transport is writable, packets go straight to it; once the
+kernel and transport buffers are full (``pause_writing``), packets wait in two small
+queues (disco and regular, 32 each) with head-drop, and a write deadline runs: a reader
+that stays stuck past it is disconnected. An idle client allocates no queues at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from derpkit.protocol import frames as F
+from derpkit.protocol.constants import (
+    HANDSHAKE_TIMEOUT,
+    KEY_LEN,
+    MIN_RATE_BURST,
+    NOT_HERE_BURST,
+    NOT_HERE_RATE,
+    FrameType,
+    PeerGoneReason,
+    PeerPresentFlags,
+)
+from derpkit.protocol.errors import ProtocolError
+from derpkit.protocol.handshake import ClientInfo, open_client_info, server_info_frame
+from derpkit.protocol.keys import NodePublic
+
+if TYPE_CHECKING:
+    from .derp import DerpServer
+
+log = logging.getLogger("derpkit.server")
+
+_SEND = FrameType.SEND_PACKET
+_PING = FrameType.PING
+_NOTE = FrameType.NOTE_PREFERRED
+_FWD = FrameType.FORWARD_PACKET
+_WATCH = FrameType.WATCH_CONNS
+_CLOSE = FrameType.CLOSE_PEER
+_PONG_HDR = F.header(FrameType.PONG, 8)
+_PING_HDR = F.header(FrameType.PING, 8)
+_PEER_GONE_HDR = F.header(FrameType.PEER_GONE, KEY_LEN + 1)
+_HANDSHAKE, _ADMITTING, _RUNNING, _CLOSED = range(4)
+
+
+class ClientConn(asyncio.Protocol):
+    """Server side of one client; created by the front door after the upgrade."""
+
+    __slots__ = (
+        "server", "transport", "reader", "state", "key", "key_raw", "info", "is_mesh",
+        "not_ideal", "remote", "preferred", "created", "is_dup", "websocket",
+        "_out", "_paused", "_qd", "_qr", "_timer", "_keepalive", "_early",
+        "peer_gone_srcs", "_nh_tokens", "_nh_last", "_rate_tokens", "_rate_last",
+        "last_recv", "_ping_sent", "close_reason", "_loop", "_kj",
+    )
+
+    def __init__(
+        self,
+        server: DerpServer,
+        remote: tuple[str, int] | None,
+        *,
+        not_ideal: bool = False,
+        websocket: bool = False,
+    ) -> None:
+        self.server = server
+        self.transport: asyncio.BaseTransport | Any = None
+        self.reader = F.FrameReader(F.server_header_check)
+        self.state = _HANDSHAKE
+        self.key: NodePublic | None = None
+        self.key_raw = b""
+        self.info: ClientInfo | None = None
+        self.is_mesh = False
+        self.not_ideal = not_ideal
+        self.remote = remote
+        self.preferred = False
+        self.created = time.monotonic()
+        self.is_dup = False
+        self.websocket = websocket
+        self._out: list[bytes] | None = None
+        self._paused = False
+        self._qd: collections.deque[tuple[bytes, int, float]] | None = None
+        self._qr: collections.deque[tuple[bytes, int, float]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._early: list[tuple[int, bytes]] | None = None
+        self.peer_gone_srcs: set[bytes] | None = None
+        self._nh_tokens = float(NOT_HERE_BURST)
+        self._nh_last = self.created
+        self._rate_tokens = 0.0
+        self._rate_last = 0.0
+        self.last_recv = self.created
+        self._ping_sent = 0.0
+        self._kj = 0.0
+        self.close_reason = ""
+        self._loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, transport: Any, initial: bytes, preamble: bytes = b"") -> None:
+        """Begin the handshake: optional 101 preamble, ServerKey, then wait for ClientInfo."""
+        self.transport = transport
+        if hasattr(transport, "set_write_buffer_limits"):
+            transport.set_write_buffer_limits(high=256 * 1024)
+        self.server.conns.add(self)
+        self.server.stats.accepts += 1
+        transport.write(preamble + self.server.server_key_frame)
+        self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        if initial:
+            self.data_received(initial)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown(self.close_reason or ("read_error" if exc else "eof"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def close(self, reason: str, *, abort: bool = False) -> None:
+        """Close this connection (and only it), recording why."""
+        if self.state == _CLOSED:
+            return
+        if not self.close_reason:
+            self.close_reason = reason
+        t = self.transport
+        if self._out and not abort:
+            self._flush()
+        if t is not None and not t.is_closing():
+            if abort:
+                t.abort()
+            else:
+                t.close()
+        self._teardown(reason)
+
+    def _teardown(self, reason: str) -> None:
+        if self.state == _CLOSED:
+            return
+        was_running = self.state == _RUNNING
+        self.state = _CLOSED
+        for h in (self._timer, self._keepalive):
+            if h is not None:
+                h.cancel()
+        self._timer = self._keepalive = None
+        stats = self.server.stats
+        for q in (self._qd, self._qr):
+            if q:
+                for _data, n, _t in q:
+                    stats.drop("gone_disconnected", q is self._qd, n)
+                q.clear()
+        self._out = None
+        self.server.conns.discard(self)
+        if was_running:
+            self.server.unregister(self)
+        if self.server.debug_logs or reason not in ("eof", "read_error", "shutdown"):
+            who = str(self.key) if self.key else f"{self.remote}"
+            log.info("derp: %s closed: %s", who, reason)
+
+    def _fail(self, err: ProtocolError) -> None:
+        self.server.stats.conn_errors[err.reason] += 1
+        who = str(self.key) if self.key else f"{self.remote}"
+        log.info("derp: closing %s: %s", who, err)
+        self.close(err.reason)
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self.state in (_HANDSHAKE, _ADMITTING):
+            self._fail(ProtocolError("handshake_timeout", "no ClientInfo within 10s"))
+
+    # ------------------------------------------------------------------ reading
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _CLOSED:
+            return
+        try:
+            frames = self.reader.feed(data)
+        except ProtocolError as e:
+            self._fail(e)
+            return
+        if not frames:
+            return
+        self.last_recv = self._loop.time()
+        if self.state == _RUNNING:
+            self._handle_frames(frames)
+        elif self.state == _HANDSHAKE:
+            self._handshake(frames)
+        else:
+            assert self._early is not None
+            self._early.extend(frames)
+
+    def _handshake(self, frames: list[tuple[int, bytes]]) -> None:
+        ftype, payload = frames[0]
+        server = self.server
+        try:
+            F.decode_server_side(ftype, payload, first=True)
+            if ftype == FrameType.CLIENT_INFO and not payload and self.reader.skipped:
+                raise ProtocolError("bad_first_frame", "empty ClientInfo")
+            key, info = open_client_info(server.private_key, payload)
+        except ProtocolError as e:
+            self._fail(e)
+            return
+        self.key = key
+        self.key_raw = key.raw
+        self.info = info
+        self.is_mesh = server.mesh_key is not None and server.mesh_key.matches(info.mesh_key)
+        self._early = frames[1:]
+        self.state = _ADMITTING
+        if self.is_mesh or server.admit is None:
+            self._admitted(None)
+            return
+        if hasattr(self.transport, "pause_reading"):
+            self.transport.pause_reading()
+        task = self._loop.create_task(server.admit(key, info, self.remote))
+        task.add_done_callback(self._admission_done)
+
+    def _admission_done(self, task: asyncio.Task[str | None]) -> None:
+        if self.state != _ADMITTING:
+            return
+        try:
+            refusal = task.result()
+        except Exception as e:  # an admission bug must not admit anyone
+            refusal = f"admission check failed: {e}"
+        if refusal:
+            self.server.stats.conn_errors["admission_denied"] += 1
+            log.info("derp: client %s rejected: %s", self.key, refusal)
+            self.close("admission_denied")
+            return
+        if hasattr(self.transport, "resume_reading"):
+            self.transport.resume_reading()
+        self._admitted(None)
+
+    def _admitted(self, _: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        server = self.server
+        assert self.key is not None
+        self.state = _RUNNING
+        if server.rate_limit is not None and not self.is_mesh:
+            self._rate_tokens = float(server.rate_limit[1])
+            self._rate_last = self._loop.time()
+        server.register(self)
+        self._write(server_info_frame(server.private_key, self.key, server.server_info))
+        self._schedule_keepalive()
+        early, self._early = self._early, None
+        if early:
+            self._handle_frames(early)
+
+    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        server = self.server
+        stats = server.stats
+        for ftype, payload in frames:
+            if self.state != _RUNNING:
+                return
+            if self.is_dup:
+                server.note_activity(self)
+            if ftype == _SEND:
+                n = len(payload)
+                if n < KEY_LEN:
+                    self._fail(ProtocolError("short_send_packet", f"{n} bytes"))
+                    return
+                server.route_packet(self, payload)
+            elif ftype == _PING:
+                stats.got_ping += 1
+                try:
+                    ping = F.decode_server_side(ftype, payload)
+                except ProtocolError as e:
+                    self._fail(e)
+                    return
+                assert isinstance(ping, F.Ping)
+                self._write(_PONG_HDR + ping.data)
+                stats.sent_pong += 1
+            elif ftype in (_NOTE, _FWD, _WATCH, _CLOSE):
+                if ftype == _FWD and not self.is_mesh:
+                    self._fail(ProtocolError("not_mesh_peer", "ForwardPacket without the mesh key"))
+                    return
+                try:
+                    f = F.decode_server_side(ftype, payload)
+                except ProtocolError as e:
+                    self._fail(e)
+                    return
+                if isinstance(f, F.NotePreferred):
+                    self._note_preferred(f.preferred)
+                elif not self.is_mesh:
+                    self._fail(ProtocolError("not_mesh_peer", f"{FrameType(ftype).name} without the mesh key"))
+                    return
+                elif isinstance(f, F.ForwardPacket):
+                    server.route_forwarded(self, f.src, f.dst, f.data)
+                elif isinstance(f, F.WatchConns):
+                    server.add_watcher(self)
+                elif isinstance(f, F.ClosePeer):
+                    server.close_peer(f.key)
+            else:
+                if ftype not in (FrameType.PONG, FrameType.KEEP_ALIVE):
+                    stats.unknown_frames += 1
+            if self._rate_last:
+                self._charge(len(payload))
+
+    def _note_preferred(self, preferred: bool) -> None:
+        if preferred == self.preferred:
+            return
+        self.preferred = preferred
+        if self._loop.time() - self.created > 5.0:
+            if preferred:
+                self.server.stats.home_moves_in += 1
+            else:
+                self.server.stats.home_moves_out += 1
+
+    def _charge(self, nbytes: int) -> None:
+        """Receive rate limit (-rate-config): pause reading while in debt (backpressure)."""
+        limit = self.server.rate_limit
+        if limit is None or self.is_mesh:
+            self._rate_last = 0.0
+            return
+        rate, burst = limit
+        now = self._loop.time()
+        self._rate_tokens = min(float(burst), self._rate_tokens + (now - self._rate_last) * rate)
+        self._rate_last = now
+        self._rate_tokens -= min(nbytes, MIN_RATE_BURST)
+        if self._rate_tokens < 0 and hasattr(self.transport, "pause_reading"):
+            self.server.stats.rate_limit_waited += 1
+            self.transport.pause_reading()
+            self._loop.call_later(-self._rate_tokens / rate, self._rate_resume)
+
+    def _rate_resume(self) -> None:
+        if self.state == _RUNNING and hasattr(self.transport, "resume_reading"):
+            self.transport.resume_reading()
+
+    def apply_rate_limit(self) -> None:
+        """Called on SIGHUP reload: start (or stop) limiting this existing connection."""
+        if self.server.rate_limit is None or self.is_mesh:
+            self._rate_last = 0.0
+        elif not self._rate_last:
+            self._rate_tokens = float(self.server.rate_limit[1])
+            self._rate_last = self._loop.time()
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, data: bytes) -> None:
+        """Queue a control frame (or a packet while writable) for this turn's batch."""
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            out.append(data)
+
+    def _flush(self) -> None:
+        out = self._out
+        self._out = None
+        if not out or self.state == _CLOSED:
+            return
+        t = self.transport
+        if len(out) == 1:
+            t.write(out[0])
+        else:
+            t.writelines(out)
+
+    def enqueue_packet(self, frame: bytes, disco: bool, nbytes: int) -> None:
+        """Deliver one RecvPacket frame, or queue it while the client is not reading."""
+        stats = self.server.stats
+        if self.state != _RUNNING:
+            stats.drop("gone_disconnected", disco, nbytes)
+            return
+        if not self._paused:
+            self._write(frame)
+            stats.packets_sent += 1
+            stats.bytes_sent += nbytes
+            return
+        if disco:
+            q = self._qd
+            if q is None:
+                q = self._qd = collections.deque()
+        else:
+            q = self._qr
+            if q is None:
+                q = self._qr = collections.deque()
+        now = self._loop.time()
+        if len(q) >= self.server.queue_depth:
+            _old, n, t0 = q.popleft()
+            stats.drop("queue_head", disco, n)
+            stats.note_queue_duration(now - t0)
+        q.append((frame, nbytes, now))
+
+    def send_peer_gone(self, key: bytes, reason: int) -> None:
+        if self.state != _RUNNING:
+            return
+        self._write(_PEER_GONE_HDR + key + bytes((reason,)))
+        stats = self.server.stats
+        if reason == PeerGoneReason.NOT_HERE:
+            stats.peer_gone_not_here_frames += 1
+        else:
+            stats.peer_gone_disconnected_frames += 1
+
+    def send_not_here(self, key: bytes) -> None:
+        """PeerGone(NotHere) limited to 1/s with a burst of 3 per connection."""
+        now = self._loop.time()
+        self._nh_tokens = min(float(NOT_HERE_BURST), self._nh_tokens + (now - self._nh_last) * NOT_HERE_RATE)
+        self._nh_last = now
+        if self._nh_tokens >= 1.0:
+            self._nh_tokens -= 1.0
+            self.send_peer_gone(key, PeerGoneReason.NOT_HERE)
+
+    def send_frame(self, data: bytes) -> None:
+        """Write any pre-encoded frame (watcher updates, Restarting, Health)."""
+        if self.state == _RUNNING:
+            self._write(data)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        timeout = self.server.mesh_write_timeout if self.is_mesh else self.server.write_timeout
+        if timeout and self._timer is None and self.state == _RUNNING:
+            self._timer = self._loop.call_later(timeout, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._timer is not None and self.state == _RUNNING:
+            self._timer.cancel()
+            self._timer = None
+        stats = self.server.stats
+        now = self._loop.time()
+        for q in (self._qd, self._qr):
+            while q and not self._paused:
+                data, n, t0 = q.popleft()
+                self._write(data)
+                stats.packets_sent += 1
+                stats.bytes_sent += n
+                stats.note_queue_duration(now - t0)
+
+    def _write_timeout(self) -> None:
+        self._timer = None
+        if self.state == _RUNNING and self._paused:
+            self.server.stats.sclient_write_timeouts += 1
+            self.server.stats.conn_errors["write_timeout"] += 1
+            log.info("derp: %s: write timeout, client not reading", self.key)
+            self.close("write_timeout", abort=True)
+
+    # ------------------------------------------------------------------ keepalive and liveness
+
+    def _schedule_keepalive(self) -> None:
+        # Jitter is drawn once per connection, as derper does, so the period stays fixed.
+        self._kj = random.random() * self.server.keepalive_jitter
+        self._keepalive = self._loop.call_later(self.server.keepalive_interval + self._kj, self._on_keepalive)
+
+    def _on_keepalive(self) -> None:
+        self._keepalive = None
+        if self.state != _RUNNING:
+            return
+        self._write(F.KEEPALIVE_BYTES)
+        self._liveness_check()
+        if self.state == _RUNNING:
+            self._keepalive = self._loop.call_later(
+                self.server.keepalive_interval + self._kj, self._on_keepalive
+            )
+
+    def _liveness_check(self) -> None:
+        """Beyond derper: ping clients that promised to answer, and drop the dead ones.
+
+        A client that declared CanAckPings and has sent nothing for a whole keepalive
+        period gets a Ping; if it is still silent at the next tick it is gone (a NAT or
+        a laptop lid took it), and we close it instead of holding it for TCP timeouts.
+        """
+        info = self.info
+        if info is None or not info.can_ack_pings or self.is_mesh or not self.server.server_pings:
+            return
+        now = self._loop.time()
+        silent = now - self.last_recv
+        if self._ping_sent > 0 and self.last_recv < self._ping_sent:
+            self.server.stats.dead_clients_closed += 1
+            self.server.stats.conn_errors["dead_client"] += 1
+            self.close("dead_client", abort=True)
+            return
+        self._ping_sent = 0.0
+        if silent >= self.server.keepalive_interval * 0.9:
+            self._write(_PING_HDR + os.urandom(8))
+            self._ping_sent = now
+            self.server.stats.server_pings_sent += 1
+
+    # ------------------------------------------------------------------ mesh view
+
+    def peer_present_frame(self) -> bytes:
+        flags = 0
+        if self.is_mesh:
+            flags |= PeerPresentFlags.IS_MESH_PEER
+        if self.info is not None and self.info.is_prober:
+            flags |= PeerPresentFlags.IS_PROBER
+        if self.not_ideal:
+            flags |= PeerPresentFlags.NOT_IDEAL
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        port = 0
+        if self.remote is not None:
+            try:
+                ip = ipaddress.ip_address(self.remote[0].split("%")[0])
+                port = self.remote[1]
+            except ValueError:
+                ip, port = None, 0
+        return F.PeerPresent(self.key_raw, ip, port, flags or PeerPresentFlags.IS_REGULAR).encode()

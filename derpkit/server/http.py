@@ -1,0 +1,281 @@
+"""derper's HTTP surface on aiohttp: probes, captive-portal check, home page, debug.
+
+Routing follows Go's ServeMux as derper sets it up: exact paths for the DERP routes,
+``/debug/`` as a subtree behind an access check, and everything unmatched falls to the
+home page, for any method. DERP upgrades never reach this module (see frontdoor.py);
+``/derp`` lands here only for WebSocket DERP or a request that is not an upgrade.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from derpkit import __version__
+from derpkit.protocol import upgrade
+
+from . import metrics
+from .derp import DerpServer
+from .websocket import handle_websocket
+
+BROWSER_HEADERS = {
+    "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'self'; "
+        "block-all-mixed-content; object-src 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
+_CHALLENGE_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+_PROD_HOST_RE = re.compile(r"^derp([^.]*)\.tailscale\.com\.?$")
+_TAILSCALE_V4 = ipaddress.ip_network("100.64.0.0/10")
+_CHROMEOS_V4 = ipaddress.ip_network("100.115.92.0/23")
+_TAILSCALE_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+
+
+def go_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A response shaped like Go's http.Error: text/plain, nosniff, body ends in newline."""
+    h = {"X-Content-Type-Options": "nosniff"}
+    if headers:
+        h.update(headers)
+    return web.Response(
+        status=status, text=message + "\n", content_type="text/plain", charset="utf-8", headers=h
+    )
+
+
+@dataclass
+class HttpOptions:
+    """What the HTTP surface needs to know beyond the DERP core."""
+
+    hostname: str = "derp.tailscale.com"
+    derp_enabled: bool = True
+    home: str = ""
+    dev: bool = False
+    metrics_sources: list[Callable[[], Iterable[metrics.Family]]] = field(default_factory=list)
+    debug_info: Callable[[], dict[str, str]] | None = None
+    bootstrap_dns: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+    consistency_check: Callable[[], list[str]] | None = None
+
+
+def debug_allowed(request: web.Request) -> bool:
+    """derper's debug access rule: loopback, Tailscale IPs, or explicitly allowed."""
+    key_path = os.environ.get("TS_DEBUG_KEY_PATH", "")
+    want = request.query.get("debugkey", "")
+    if request.method == "GET" and want and key_path:
+        try:
+            with open(key_path) as f:
+                if f.read().strip() == want:
+                    return True
+        except OSError:
+            pass
+    if "X-Forwarded-For" in request.headers:
+        return False
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(peer[0].split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _TAILSCALE_V4 and ip not in _CHROMEOS_V4:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _TAILSCALE_V6:
+        return True
+    if os.environ.get("TS_ALLOW_DEBUG_IP", "") == str(ip):
+        return True
+    for cidr in filter(None, (c.strip() for c in os.environ.get("TS_DEBUG_TRUSTED_CIDRS", "").split(","))):
+        try:
+            if ip in ipaddress.ip_network(cidr, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def home_page(opts: HttpOptions, debug_link: bool) -> str:
+    prod = bool(_PROD_HOST_RE.match(opts.hostname))
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>DERP</title></head><body>",
+        "<h1>DERP</h1>",
+        '<p>This is a <a href="https://tailscale.com/">Tailscale</a> DERP server, run with derpkit.</p>',
+        "<p>It helps Tailscale clients find each other (STUN) and relays their end-to-end "
+        "encrypted traffic when no direct path works.</p>",
+    ]
+    if prod:
+        parts.append(
+            '<p>If you suspect abuse, please contact <a href="mailto:security@tailscale.com">'
+            "security@tailscale.com</a>.</p>"
+        )
+    parts.append("<p>Documentation:</p><ul>")
+    if prod:
+        parts.append('<li><a href="https://tailscale.com/security-policies">Tailscale Security Policies</a></li>')
+        parts.append('<li><a href="https://tailscale.com/tailscale-aup">Tailscale Acceptable Use Policy</a></li>')
+    for url in (
+        "https://tailscale.com/kb/1232/derp-servers",
+        "https://pkg.go.dev/tailscale.com/derp",
+        "https://github.com/tailscale/tailscale/tree/main/cmd/derper#derp",
+    ):
+        parts.append(f'<li><a href="{url}">{url}</a></li>')
+    parts.append("</ul>")
+    if not opts.derp_enabled:
+        parts.append("<p>Status: <b>disabled</b></p>")
+    if debug_link:
+        parts.append('<p>Debug info at <a href="/debug/">/debug/</a>.</p>')
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
+    started = time.time()
+
+    async def derp(request: web.Request) -> web.StreamResponse:
+        if not opts.derp_enabled:
+            return go_error(404, "derp server disabled")
+        decision = upgrade.decide(dict(request.headers))
+        if decision.kind is upgrade.UpgradeKind.WEBSOCKET:
+            return await handle_websocket(request, server)
+        if decision.kind is upgrade.UpgradeKind.DERP:
+            # A DERP upgrade after another request on a kept-alive connection: the front
+            # door only takes over fresh connections. Go clients always dial anew.
+            return go_error(400, "DERP upgrade must be the first request on a connection")
+        return go_error(426, upgrade.UPGRADE_REQUIRED_BODY.decode().rstrip("\n"))
+
+    async def probe(request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return go_error(405, "bogus probe method")
+        return web.Response(status=200, headers={"Access-Control-Allow-Origin": "*"})
+
+    async def generate_204(request: web.Request) -> web.Response:
+        return no_content(request)
+
+    async def robots(request: web.Request) -> web.Response:
+        return web.Response(
+            text="User-agent: *\nDisallow: /\n", content_type="text/plain", charset="utf-8",
+            headers=BROWSER_HEADERS,
+        )
+
+    async def bootstrap_dns(request: web.Request) -> web.StreamResponse:
+        if opts.bootstrap_dns is not None:
+            resp = await opts.bootstrap_dns(request)
+        else:
+            resp = web.json_response({}, headers={"Content-Type": "application/json"})
+        resp.headers.update(BROWSER_HEADERS)
+        return resp
+
+    async def home(request: web.Request) -> web.StreamResponse:
+        if opts.home == "blank":
+            return web.Response(status=200, content_type="text/html", charset="utf-8", headers=BROWSER_HEADERS)
+        if opts.home.startswith(("http://", "https://")):
+            raise web.HTTPFound(opts.home, headers=BROWSER_HEADERS)
+        return web.Response(
+            text=home_page(opts, debug_allowed(request)), content_type="text/html", charset="utf-8",
+            headers=BROWSER_HEADERS,
+        )
+
+    async def debug(request: web.Request) -> web.StreamResponse:
+        if not debug_allowed(request):
+            msg = "debug access denied"
+            if opts.dev and request.path != "/debug/":
+                peer = request.transport.get_extra_info("peername") if request.transport else None
+                msg += f"; to permit access, set TS_ALLOW_DEBUG_IP={peer[0] if peer else '<ip>'}"
+            return go_error(403, msg)
+        sub = request.path[len("/debug/") :]
+        hdrs = dict(BROWSER_HEADERS)
+        if sub:
+            hdrs["Content-Security-Policy"] += "; style-src 'self' 'unsafe-inline'"
+        if sub == "":
+            return web.Response(text=debug_index(), content_type="text/html", charset="utf-8", headers=hdrs)
+        if sub == "varz":
+            body = metrics.render(all_families())
+            return web.Response(text=body, content_type="text/plain", charset="utf-8", headers=hdrs)
+        if sub == "vars":
+            return web.json_response(vars_json(), headers=hdrs)
+        if sub == "check":
+            problems = opts.consistency_check() if opts.consistency_check else []
+            if problems:
+                return go_error(500, "\n".join(problems))
+            return web.Response(text="derp.Server ConsistencyCheck okay", content_type="text/plain", headers=hdrs)
+        if sub == "gc":
+            import gc
+
+            gc.collect()
+            return web.Response(text="running GC...\nDone.\n", content_type="text/plain", headers=hdrs)
+        return go_error(404, "404 page not found")
+
+    rss0 = metrics.rss_bytes()
+
+    def all_families() -> Iterable[metrics.Family]:
+        yield from metrics.derp_families(server, rss0)
+        yield metrics.counter("process_start_unix_time", int(started))
+        yield metrics.counter("counter_uptime_sec", int(time.time() - started))
+        for src in opts.metrics_sources:
+            yield from src()
+
+    def vars_json() -> dict[str, object]:
+        out: dict[str, object] = {}
+        for fam in all_families():
+            for labels, value in fam.samples:
+                if labels:
+                    d = out.setdefault(fam.name, {})
+                    assert isinstance(d, dict)
+                    d["/".join(labels.values())] = value
+                else:
+                    out[fam.name] = value
+        out["version"] = __version__
+        return dict(sorted(out.items()))
+
+    def debug_index() -> str:
+        info = {
+            "Uptime": f"{int(time.time() - started)}s",
+            "Version": __version__,
+            "Machine": os.uname().nodename,
+            "TLS hostname": opts.hostname,
+            "Mesh key": str(server.mesh_key is not None).lower(),
+        }
+        if opts.debug_info:
+            info.update(opts.debug_info())
+        rows = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in info.items())
+        links = "".join(
+            f'<li><a href="/debug/{p}">/debug/{p}</a> {html.escape(d)}</li>'
+            for p, d in (("vars", "Metrics (JSON)"), ("varz", "Metrics (Prometheus)"), ("check", "Consistency check"), ("gc", "Force garbage collection"))
+        )
+        return f"<html><body><h1>derpkit debug</h1><ul>{rows}</ul><ul>{links}</ul></body></html>\n"
+
+    app = web.Application()
+    app.router.add_route("*", "/derp", derp)
+    app.router.add_route("*", "/derp/probe", probe)
+    app.router.add_route("*", "/derp/latency-check", probe)
+    app.router.add_route("*", "/generate_204", generate_204)
+    app.router.add_route("*", "/robots.txt", robots)
+    app.router.add_route("*", "/bootstrap-dns", bootstrap_dns)
+    app.router.add_route("*", "/debug", lambda r: _redirect("/debug/"))
+    app.router.add_route("*", "/debug/{tail:.*}", debug)
+    app.router.add_route("*", "/{tail:.*}", home)
+    app["all_families"] = all_families
+    return app
+
+
+async def _redirect(location: str) -> web.Response:
+    raise web.HTTPMovedPermanently(location)
+
+
+def no_content(request: web.Request) -> web.Response:
+    """/generate_204: the captive-portal check with Tailscale's challenge/response."""
+    headers = {"Cache-Control": NO_CACHE}
+    challenge = request.headers.get("X-Tailscale-Challenge", "")
+    if challenge and _CHALLENGE_RE.match(challenge):
+        headers["X-Tailscale-Response"] = "response " + challenge
+    return web.Response(status=204, headers=headers)

@@ -1,0 +1,198 @@
+"""Server counters, kept as plain integers on the hot path and rendered on scrape.
+
+A DERP server bumps several counters per packet, so the hot path only writes attributes
+of ``Stats``; ``/debug/varz`` turns them into Prometheus text when scraped.
+
+We render the text ourselves rather than through prometheus_client because derper's
+counters carry no ``_total`` suffix (``derp_accepts``, ``derp_packets_dropped``...) and
+prometheus_client always appends one to counters; dashboards built for derper must keep
+working unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from derpkit.protocol.constants import DropReason
+
+if TYPE_CHECKING:
+    from .derp import DerpServer
+
+KINDS = ("disco", "other")
+
+
+class Stats:
+    """Every counter the DERP core keeps; names follow derper's expvar keys."""
+
+    def __init__(self) -> None:
+        self.accepts = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.packets_received = 0
+        self.packets_sent = 0
+        self.packets_received_disco = 0
+        self.packets_received_other = 0
+        self.unknown_frames = 0
+        self.home_moves_in = 0
+        self.home_moves_out = 0
+        self.got_ping = 0
+        self.sent_pong = 0
+        self.peer_gone_disconnected_frames = 0
+        self.peer_gone_not_here_frames = 0
+        self.packets_forwarded_out = 0
+        self.packets_forwarded_in = 0
+        self.multiforwarder_created = 0
+        self.multiforwarder_deleted = 0
+        self.packet_forwarder_delete_other_value = 0
+        self.sclient_write_timeouts = 0
+        self.total_dup_client_conns = 0
+        self.websocket_accepts = 0
+        self.rate_limit_waited = 0
+        self.restarting_frames = 0
+        self.server_pings_sent = 0
+        self.dead_clients_closed = 0
+        self.v1_recv_packets = 0
+        self.average_queue_duration_ms = 0.0
+        # (reason, kind) -> packets / bytes, every combination present from the start.
+        self.dropped_packets: dict[tuple[str, str], int] = {
+            (r.value, k): 0 for r in DropReason for k in KINDS
+        }
+        self.dropped_bytes: dict[tuple[str, str], int] = dict.fromkeys(self.dropped_packets, 0)
+        # Connections closed for breaking the protocol or failing the handshake, by reason.
+        self.conn_errors: collections.Counter[str] = collections.Counter()
+        self.start_time = time.time()
+
+    def drop(self, reason: str, disco: bool, nbytes: int) -> None:
+        key = (reason, "disco" if disco else "other")
+        self.dropped_packets[key] += 1
+        self.dropped_bytes[key] += nbytes
+
+    def note_queue_duration(self, seconds: float) -> None:
+        self.average_queue_duration_ms = (
+            0.9 * self.average_queue_duration_ms + 0.1 * seconds * 1000.0
+        )
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+@dataclass(slots=True)
+class Family:
+    """One metric: name, Prometheus type, help text and its labelled samples."""
+
+    name: str
+    type: str
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> Family:
+        self.samples.append((labels, value))
+        return self
+
+
+def counter(name: str, value: float, help: str = "") -> Family:
+    return Family(name, "counter", help or name.replace("_", " "), [({}, value)])
+
+
+def gauge(name: str, value: float, help: str = "") -> Family:
+    return Family(name, "gauge", help or name.replace("_", " "), [({}, value)])
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e15):
+        return str(int(v))
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(families: Iterable[Family]) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    out: list[str] = []
+    for f in families:
+        out.append(f"# HELP {f.name} {f.help}")
+        out.append(f"# TYPE {f.name} {f.type}")
+        for labels, value in f.samples:
+            if labels:
+                lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+                out.append(f"{f.name}{{{lab}}} {_fmt(value)}")
+            else:
+                out.append(f"{f.name} {_fmt(value)}")
+    return "\n".join(out) + "\n"
+
+
+_PLAIN_COUNTERS = (
+    "accepts", "bytes_received", "bytes_sent", "packets_received", "packets_sent",
+    "unknown_frames", "home_moves_in", "home_moves_out", "got_ping", "sent_pong",
+    "peer_gone_disconnected_frames", "peer_gone_not_here_frames",
+    "packets_forwarded_out", "packets_forwarded_in", "multiforwarder_created",
+    "multiforwarder_deleted", "packet_forwarder_delete_other_value",
+    "sclient_write_timeouts", "total_dup_client_conns", "websocket_accepts",
+)
+
+
+def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
+    """The derp_* set with derper's names, then derpkit's own additions."""
+    s = server.stats
+    for name in _PLAIN_COUNTERS:
+        yield counter("derp_" + name, getattr(s, name))
+    yield (
+        Family("derp_packets_received_kind", "counter", "received SendPackets by kind")
+        .add(s.packets_received_disco, kind="disco")
+        .add(s.packets_received_other, kind="other")
+    )
+    for name, value in server.gauges().items():
+        yield gauge("derp_" + name, value)
+    yield gauge("derp_memstats_sys0", rss0, "resident memory at start-up (bytes)")
+    yield gauge("derp_current_file_descriptors", open_fds())
+    yield Family("derp_average_queue_duration_ms", "untyped", "moving average of queue time").add(
+        s.average_queue_duration_ms
+    )
+    dp = Family("derp_packets_dropped", "counter", "DERP packets dropped by reason and by kind")
+    db = Family("derp_bytes_dropped", "counter", "DERP bytes dropped by reason and by kind")
+    for (reason, kind), v in s.dropped_packets.items():
+        dp.add(v, reason=reason, kind=kind)
+        db.add(s.dropped_bytes[(reason, kind)], reason=reason, kind=kind)
+    yield dp
+    yield db
+    if server.rate_limit is not None:
+        rate, burst = server.rate_limit
+        yield Family("derp_rate_limit_per_client_bytes_per_second", "untyped", "per-client rate").add(rate)
+        yield Family("derp_rate_limit_per_client_burst_bytes", "untyped", "per-client burst").add(burst)
+        yield counter("derp_rate_limit_per_client_waited", s.rate_limit_waited)
+    ce = Family("derpkit_conn_errors", "counter", "connections closed for a protocol or handshake error, by reason")
+    for reason, v in sorted(s.conn_errors.items()):
+        ce.add(v, reason=reason)
+    yield ce
+    yield counter("derpkit_restarting_frames", s.restarting_frames, "Restarting frames sent on graceful shutdown")
+    yield counter("derpkit_server_pings_sent", s.server_pings_sent, "liveness pings sent to silent clients")
+    yield counter("derpkit_dead_clients_closed", s.dead_clients_closed, "clients closed for not answering liveness pings")
+    yield counter("derpkit_v1_recv_packets", s.v1_recv_packets, "packets relayed in the v1 layout (zero source key)")
+    yield gauge("derpkit_resident_memory_bytes", rss_bytes())
+
+
+MetricsSource = Callable[[], Iterable[Family]]

@@ -1,0 +1,172 @@
+"""A running DERP node: the relay core plus its HTTP(S) listener, STUN and mesh links.
+
+``DerpNode`` is what ``derpkit serve`` starts and what tests embed in-process; it takes
+ready-made parts (keys, an SSL context, an admission function) so that configuration
+parsing and certificate handling stay in their own modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from derpkit.protocol.keys import MeshKey, NodePrivate
+
+from . import metrics
+from .derp import AdmitFn, DerpServer
+from .frontdoor import FrontDoor
+from .http import HttpOptions, build_app
+
+log = logging.getLogger("derpkit.server")
+
+
+@dataclass
+class NodeOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    ssl_context: ssl.SSLContext | None = None
+    stun_port: int | None = 0  # None disables STUN; 0 picks a free port
+    stun_strict: bool = False
+    private_key: NodePrivate | None = None
+    mesh_key: MeshKey | None = None
+    mesh_with: list[tuple[str, str | None]] = field(default_factory=list)
+    mesh_scheme: str = "https"
+    mesh_insecure_tls: bool = False
+    write_timeout: float = 2.0
+    keepalive_interval: float = 60.0
+    keepalive_jitter: float = 5.0
+    admit: AdmitFn | None = None
+    restart_notice: float = 5.0
+    server_pings: bool = True
+    http: HttpOptions = field(default_factory=HttpOptions)
+    #: Called for each accepted TCP connection; return False to close it at once.
+    on_connect: Callable[[Any], bool] | None = None
+    #: Metric sources beyond the DERP core (accept limiter, cert expiry...).
+    extra_metrics: list[Callable[[], Iterable[metrics.Family]]] = field(default_factory=list)
+
+
+class DerpNode:
+    """Start/stop wrapper around one server's listeners."""
+
+    def __init__(self, opts: NodeOptions | None = None, **kw: Any) -> None:
+        self.opts = opts or NodeOptions(**kw)
+        o = self.opts
+        self.private_key = o.private_key or NodePrivate.generate()
+        self.server = DerpServer(
+            self.private_key,
+            mesh_key=o.mesh_key,
+            write_timeout=o.write_timeout,
+            keepalive_interval=o.keepalive_interval,
+            keepalive_jitter=o.keepalive_jitter,
+            admit=o.admit,
+            server_pings=o.server_pings,
+            restart_notice=o.restart_notice,
+        )
+        self.runner: web.AppRunner | None = None
+        self.listener: asyncio.AbstractServer | None = None
+        self.stun: Any = None
+        self.mesh: list[Any] = []
+        self.port = 0
+
+    @property
+    def public_key(self):  # noqa: ANN201 - NodePublic
+        return self.server.public_key
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.opts.ssl_context else "http"
+        host = self.opts.host or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}/derp"
+
+    @property
+    def stun_port(self) -> int | None:
+        return self.stun.sockname[1] if self.stun is not None else None
+
+    def stun_families(self) -> Iterable[metrics.Family]:
+        if self.stun is None:
+            return
+        counts = self.stun.counts
+        req = metrics.Family("stun_requests", "counter", "STUN requests by disposition")
+        fam = metrics.Family("stun_addrfamily", "counter", "answered STUN requests by address family")
+        for (kind, label), v in sorted(counts.items()):
+            if kind == "requests":
+                req.add(v, disposition=label)
+            elif kind == "addrfamily":
+                fam.add(v, family=label)
+        yield req
+        yield fam
+
+    async def start(self) -> None:
+        o = self.opts
+        http_opts = o.http
+        http_opts.metrics_sources = [self.stun_families, *o.extra_metrics, *http_opts.metrics_sources]
+        app = build_app(self.server, http_opts)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        factory = self.runner.server
+        assert factory is not None
+        loop = asyncio.get_running_loop()
+
+        def door() -> FrontDoor:
+            return FrontDoor(self.server, factory, derp_enabled=http_opts.derp_enabled, on_connect=o.on_connect)
+
+        host: str | None = o.host or None
+        self.listener = await loop.create_server(
+            door, host, o.port, ssl=o.ssl_context, reuse_address=True, backlog=4096,
+            ssl_handshake_timeout=30.0 if o.ssl_context else None,
+        )
+        socks = self.listener.sockets
+        self.port = socks[0].getsockname()[1]
+        for s in socks:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if o.stun_port is not None:
+            from .stun import start_stun_server
+
+            try:
+                self.stun = await start_stun_server(o.host, o.stun_port, strict=o.stun_strict)
+            except OSError as e:
+                # derper goes on without STUN when its port is taken; we say so loudly.
+                log.warning("STUN: cannot listen on %s:%s: %s; continuing without STUN", o.host, o.stun_port, e)
+        if o.mesh_with:
+            from .mesh import MeshLink
+
+            for host_name, dial in o.mesh_with:
+                link = MeshLink(self.server, host_name, dial, scheme=o.mesh_scheme, insecure_tls=o.mesh_insecure_tls)
+                self.mesh.append(link)
+                link.start()
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        for link in self.mesh:
+            await link.stop()
+        self.mesh.clear()
+        if self.listener is not None:
+            self.listener.close()
+        if graceful:
+            await self.server.shutdown()
+        else:
+            for c in list(self.server.conns):
+                c.close("shutdown", abort=True)
+        if self.stun is not None:
+            self.stun.close()
+            self.stun = None
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.listener is not None:
+            self.listener = None
+
+    async def __aenter__(self) -> DerpNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
