@@ -1,0 +1,956 @@
+"""The asyncio DERP client: one connection, upgrade + handshake, then frames both ways.
+
+Design (see DESIGN.md): a thin shell around ``derpkit.protocol``. Over TCP/TLS one
+``asyncio.Protocol`` feeds every chunk the loop hands us straight into ``FrameReader.feed``;
+nothing is parsed through streams and no task runs per packet. Outgoing frames are
+collected and written once per event-loop turn (or at once when 64 KiB are pending), so a
+burst of ``send()`` calls costs one system call, not one per frame.
+
+The WebSocket variant carries the same byte stream in binary messages; one reader and one
+writer task per connection move bytes between aiohttp and the same frame logic.
+
+Limits (Go client behaviour, spec §8): a frame over 1 MiB or 120 s of silence kills the
+connection; any receive error is sticky. Python 3.11's ``ssl`` module exposes only the leaf
+certificate, not the chain, so the TLS meta-certificate that lets Go clients learn the
+server key during TLS (and use fast start automatically) cannot be read here. Fast start
+is used when the caller passes ``server_key`` (from a DERP map or an earlier connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from derpkit.protocol import handshake
+from derpkit.protocol.constants import (
+    CLIENT_READ_TIMEOUT,
+    KEY_LEN,
+    MAX_PACKET_SIZE,
+    PING_DATA_LEN,
+    PING_TIMEOUT,
+    WEBSOCKET_MAX_MESSAGE,
+    WEBSOCKET_SUBPROTOCOL,
+    FrameType,
+)
+from derpkit.protocol.errors import ProtocolError
+from derpkit.protocol.frames import (
+    ClosePeer,
+    ForwardPacket,
+    Frame,
+    FrameReader,
+    NotePreferred,
+    Ping,
+    Pong,
+    RecvPacket,
+    ServerInfoFrame,
+    Unknown,
+    WatchConns,
+    decode_client_side,
+    decode_server_key,
+    frame,
+    header,
+)
+from derpkit.protocol.keys import MeshKey, NodePrivate, NodePublic
+from derpkit.protocol.upgrade import build_request, parse_response_head, split_head
+
+from .errors import (
+    DerpCertificateError,
+    DerpClosedError,
+    DerpConnectionError,
+    DerpTimeoutError,
+    DerpUpgradeError,
+)
+from .tls import check_pin, plan_tls
+
+__all__ = ["DerpClient", "DerpURL", "parse_url"]
+
+#: Pending outgoing bytes that trigger an immediate write instead of waiting for the loop.
+_FLUSH_AT = 64 << 10
+#: Received frames held for the application before we stop reading the socket.
+_RECV_HIGH = 4096
+_RECV_LOW = 1024
+#: WebSocket send buffer above which ``send()`` waits for the writer task.
+_WS_HIGH = 256 << 10
+
+_SEND_HDR_LEN = KEY_LEN  # SendPacket payload = key + data
+_T_RECV = int(FrameType.RECV_PACKET)
+_T_SERVER_KEY = int(FrameType.SERVER_KEY)
+
+# Connection states.
+_HEAD = "waiting for the HTTP 101 response"
+_SNIFF = "fast start: waiting for the first server bytes"
+_BODY = "reading the HTTP error body"
+_SERVER_KEY = "waiting for the ServerKey frame"
+
+
+@dataclass(frozen=True, slots=True)
+class DerpURL:
+    """A parsed DERP server URL."""
+
+    tls: bool
+    host: str  # hostname or IP, without brackets
+    port: int
+    path: str  # path plus query, defaulting to /derp
+    host_header: str  # what goes into the Host header (host[:port] as written)
+
+    def http_url(self, dial_host: str | None = None) -> str:
+        h = dial_host or self.host
+        if ":" in h:
+            h = f"[{h}]"
+        return f"{'https' if self.tls else 'http'}://{h}:{self.port}{self.path}"
+
+
+def parse_url(url: str) -> DerpURL:
+    """Parse ``http://``, ``https://`` or ``derp://`` (= https) URLs; path defaults to /derp."""
+    u = urllib.parse.urlsplit(url)
+    scheme = u.scheme.lower()
+    if scheme not in ("http", "https", "derp"):
+        raise ValueError(f"DERP URL {url!r}: scheme must be http, https or derp")
+    if not u.hostname:
+        raise ValueError(f"DERP URL {url!r}: no host")
+    tls = scheme != "http"
+    try:
+        port = u.port or (443 if tls else 80)
+    except ValueError as e:
+        raise ValueError(f"DERP URL {url!r}: {e}") from None
+    path = u.path if u.path not in ("", "/") else "/derp"
+    if u.query:
+        path += "?" + u.query
+    netloc = u.netloc.rpartition("@")[2]
+    return DerpURL(tls, u.hostname, port, path, netloc)
+
+
+class _TcpProtocol(asyncio.Protocol):
+    """Socket glue: hands bytes to the client and tracks write flow control."""
+
+    __slots__ = ("client", "transport", "write_paused", "_drain")
+
+    def __init__(self, client: DerpClient) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client._on_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close; DERP has no half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.resume_writing()
+        self.client._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        d, self._drain = self._drain, None
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    # backend interface ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.write_paused:
+            if self._drain is None:
+                self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class _WsBackend:
+    """DERP over WebSocket: one reader task, one writer task, 32 KiB messages at most."""
+
+    def __init__(self, client: DerpClient, session: Any, ws: Any) -> None:
+        self.client = client
+        self.session = session
+        self.ws = ws
+        self._buf = bytearray()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._closed = False
+        self._reader = asyncio.ensure_future(self._read_loop())
+        self._writer = asyncio.ensure_future(self._write_loop())
+
+    @property
+    def write_paused(self) -> bool:
+        return len(self._buf) > _WS_HIGH
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        self._wake.set()
+
+    async def drain(self) -> None:
+        while len(self._buf) > _WS_HIGH and not self._closed:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    async def _read_loop(self) -> None:
+        import aiohttp
+
+        exc: Exception | None = None
+        try:
+            async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self.client._on_data(msg.data)
+                    if not self._reading.is_set():
+                        await self._reading.wait()
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    exc = DerpConnectionError("server sent a WebSocket text message")
+                    break
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    exc = msg.data if isinstance(msg.data, Exception) else None
+                    break
+        except Exception as e:  # aiohttp raises assorted errors on broken sockets
+            exc = e
+        if exc is None and self.ws.close_code not in (None, 1000, 1001):
+            exc = DerpConnectionError(f"WebSocket closed with code {self.ws.close_code}")
+        self.client._on_lost(exc)
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._buf:
+                    chunk = bytes(self._buf[:WEBSOCKET_MAX_MESSAGE])
+                    del self._buf[:WEBSOCKET_MAX_MESSAGE]
+                    await self.ws.send_bytes(chunk)
+                    if len(self._buf) <= _WS_HIGH:
+                        self._drained.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.client._on_lost(e)
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._drained.set()
+        self._writer.cancel()
+        self._reader.cancel()
+        asyncio.ensure_future(self._shutdown())
+
+    close = abort
+
+    async def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        with contextlib.suppress(Exception):
+            await self.session.close()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # Let queued bytes go out before the close frame.
+            with contextlib.suppress(Exception):
+                while self._buf and not self._writer.done():
+                    self._wake.set()
+                    await asyncio.sleep(0)
+            self._writer.cancel()
+            self._reader.cancel()
+        await self._shutdown()
+
+
+class DerpClient:
+    """One DERP connection. Create it with ``await DerpClient.connect(url, ...)``.
+
+    ``recv()`` returns frame values from ``derpkit.protocol.frames``: ``RecvPacket``,
+    ``PeerGone``, ``PeerPresent``, ``KeepAlive``, ``Ping``, ``Pong``, ``Health``,
+    ``Restarting``. ServerInfo is consumed (see ``server_info``), Pongs answering our own
+    ``ping()`` are consumed, unknown frame types (a late ServerKey too) are skipped.
+    """
+
+    def __init__(
+        self,
+        private_key: NodePrivate,
+        *,
+        url: str = "",
+        can_ack_pings: bool = True,
+        read_timeout: float = CLIENT_READ_TIMEOUT,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._key = private_key
+        self.public_key: NodePublic = private_key.public()
+        self.server_key: NodePublic | None = None
+        self.url = url
+        self._can_ack_pings = can_ack_pings
+        self._read_timeout = read_timeout
+        self._reader = FrameReader()
+        self._backend: _TcpProtocol | _WsBackend | None = None
+        self._state: str | None = _HEAD  # None once the handshake is done
+        self._head = bytearray()
+        self._body_head: Any = None
+        self._body_want = 0
+        self._fast_key: NodePublic | None = None
+        self._hello_extra = b""
+        self._info: handshake.ClientInfo = handshake.ClientInfo()
+        self._queue: deque[Frame] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._error: DerpConnectionError | None = None
+        self._hello_sent: asyncio.Future[None] = self._loop.create_future()
+        self._server_info: asyncio.Future[handshake.ServerInfo] = self._loop.create_future()
+        self._pings: dict[bytes, asyncio.Future[float]] = {}
+        self._out: list[bytes] = []
+        self._out_len = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_rx = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # Advisory send limiter from ServerInfo (spec §8.6); None = unlimited.
+        self._bucket_rate = 0.0
+        self._bucket_burst = 0.0
+        self._bucket_tokens = 0.0
+        self._bucket_time = 0.0
+        #: Packets dropped by the advisory send limiter.
+        self.rate_limited_drops = 0
+
+    # ------------------------------------------------------------------ connecting
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        private_key: NodePrivate | None = None,
+        mesh_key: MeshKey | None = None,
+        is_prober: bool = False,
+        can_ack_pings: bool = True,
+        app_name: str = "",
+        preferred: bool = False,
+        watch_conns: bool = False,
+        websocket: bool = False,
+        cert_name: str | None = None,
+        insecure_tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        dial_host: str | None = None,
+        server_key: NodePublic | None = None,
+        ideal_node: str = "",
+        timeout: float = 10.0,  # noqa: ASYNC109 (one budget for the whole handshake)
+        wait_for_server_info: bool = True,
+        read_timeout: float = CLIENT_READ_TIMEOUT,
+    ) -> DerpClient:
+        """Connect, upgrade and run the handshake within ``timeout`` seconds.
+
+        ClientInfo, NotePreferred and WatchConns are written together without waiting for
+        ServerInfo (Go pipelines them too). With ``wait_for_server_info`` (the default)
+        this returns only once ServerInfo arrived, i.e. once the server has admitted and
+        registered us, so tests can send to this client right away.
+        """
+        u = parse_url(url)
+        self = cls(
+            private_key or NodePrivate.generate(),
+            url=url,
+            can_ack_pings=can_ack_pings,
+            read_timeout=read_timeout,
+        )
+        self._info = handshake.ClientInfo(
+            mesh_key=mesh_key, can_ack_pings=can_ack_pings, is_prober=is_prober, app_name=app_name
+        )
+        extra = b""
+        if preferred:
+            extra += NotePreferred(True).encode()
+        if watch_conns:
+            extra += WatchConns().encode()
+        self._hello_extra = extra
+        stage = "connecting"
+        try:
+            async with asyncio.timeout(timeout):
+                if websocket:
+                    stage = "WebSocket upgrade"
+                    await self._open_ws(
+                        u, cert_name, insecure_tls, ssl_context, dial_host, ideal_node
+                    )
+                else:
+                    stage = "TCP/TLS connect"
+                    await self._open_tcp(
+                        u, cert_name, insecure_tls, ssl_context, dial_host, server_key, ideal_node
+                    )
+                stage = "DERP upgrade"
+                await asyncio.shield(self._hello_sent)
+                if wait_for_server_info:
+                    stage = "waiting for ServerInfo (admission)"
+                    await asyncio.shield(self._server_info)
+        except TimeoutError:
+            self.abort()
+            detail = self._state if stage == "DERP upgrade" else stage
+            raise DerpTimeoutError(
+                f"connect to {url}: timed out after {timeout:g} s ({detail})"
+            ) from None
+        except DerpConnectionError:
+            self.abort()
+            raise
+        except ssl.SSLCertVerificationError as e:
+            self.abort()
+            raise DerpCertificateError(
+                f"connect to {url}: TLS verification failed: {e.verify_message or e}"
+            ) from e
+        except (OSError, ssl.SSLError) as e:
+            self.abort()
+            raise DerpConnectionError(f"connect to {url}: {e}") from e
+        except BaseException:
+            self.abort()
+            raise
+        self._arm_idle_timer()
+        return self
+
+    async def _open_tcp(
+        self,
+        u: DerpURL,
+        cert_name: str | None,
+        insecure: bool,
+        ctx: ssl.SSLContext | None,
+        dial_host: str | None,
+        server_key: NodePublic | None,
+        ideal_node: str,
+    ) -> None:
+        plan = (
+            plan_tls(u.host, cert_name=cert_name, insecure=insecure, context=ctx) if u.tls else None
+        )
+        transport, proto = await self._loop.create_connection(
+            lambda: _TcpProtocol(self),
+            dial_host or u.host,
+            u.port,
+            ssl=plan.context if plan else None,
+            server_hostname=plan.server_name if plan else None,
+        )
+        self._backend = proto
+        if plan is not None and plan.pin_sha256 is not None:
+            sslobj = transport.get_extra_info("ssl_object")
+            check_pin(
+                sslobj.getpeercert(binary_form=True) if sslobj else None, plan.pin_sha256, self.url
+            )
+        fast = server_key is not None and not server_key.is_zero()
+        req = build_request(u.host_header, u.path, fast_start=fast, ideal_node=ideal_node)
+        if fast:
+            assert server_key is not None
+            self.server_key = self._fast_key = server_key
+            self._state = _SNIFF
+            self._write(req + self._hello_bytes())
+            self._flush()
+            self._hello_sent.set_result(None)
+        else:
+            self._state = _HEAD
+            self._write(req)
+            self._flush()
+
+    async def _open_ws(
+        self,
+        u: DerpURL,
+        cert_name: str | None,
+        insecure: bool,
+        ctx: ssl.SSLContext | None,
+        dial_host: str | None,
+        ideal_node: str,
+    ) -> None:
+        import aiohttp
+
+        sslarg: Any = False
+        server_hostname = None
+        if u.tls:
+            plan = plan_tls(u.host, cert_name=cert_name, insecure=insecure, context=ctx)
+            sslarg = aiohttp.Fingerprint(plan.pin_sha256) if plan.pin_sha256 else plan.context
+            if plan.server_name != u.host or dial_host:
+                server_hostname = plan.server_name
+        headers = {"Host": u.host_header} if dial_host else {}
+        session = aiohttp.ClientSession()
+        try:
+            ws = await session.ws_connect(
+                u.http_url(dial_host),
+                protocols=(WEBSOCKET_SUBPROTOCOL,),
+                ssl=sslarg,
+                server_hostname=server_hostname,
+                headers=headers,
+                compress=0,
+                autoping=True,
+            )
+        except aiohttp.ServerFingerprintMismatch as e:
+            await session.close()
+            raise DerpCertificateError(
+                f"{self.url}: TLS certificate does not match the CertName pin: "
+                f"want sha256-raw:{e.expected.hex()}, server presented sha256-raw:{e.got.hex()}"
+            ) from None
+        except aiohttp.WSServerHandshakeError as e:
+            await session.close()
+            raise DerpUpgradeError(e.status, e.message, b"") from None
+        except aiohttp.ClientConnectorCertificateError as e:
+            await session.close()
+            raise DerpCertificateError(
+                f"connect to {self.url}: TLS verification failed: {e}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            await session.close()
+            raise DerpConnectionError(f"connect to {self.url}: {e}") from e
+        except BaseException:
+            await session.close()
+            raise
+        if ws.protocol != WEBSOCKET_SUBPROTOCOL:
+            await ws.close()
+            await session.close()
+            raise DerpConnectionError(
+                f"{self.url}: server did not accept the 'derp' WebSocket subprotocol"
+            )
+        self._state = _SERVER_KEY
+        self._backend = _WsBackend(self, session, ws)
+
+    def _hello_bytes(self) -> bytes:
+        assert self.server_key is not None
+        return (
+            handshake.client_info_frame(self._key, self.server_key, self._info) + self._hello_extra
+        )
+
+    # ------------------------------------------------------------------ receive side
+
+    def _on_data(self, data: bytes) -> None:
+        """Every received chunk passes here: upgrade head, handshake, then frames."""
+        self._last_rx = self._loop.time()
+        if self._state in (_HEAD, _SNIFF, _BODY):
+            data = self._on_http(data)
+            if not data or self._error is not None:
+                return
+        try:
+            frames = self._reader.feed(data)
+        except ProtocolError as e:
+            self._fail(DerpConnectionError(f"{self.url}: {e}"))
+            return
+        queue = self._queue
+        before = len(queue)
+        for ftype, payload in frames:
+            if ftype == _T_RECV and len(payload) >= KEY_LEN and self._state is None:
+                queue.append(RecvPacket(payload[:KEY_LEN], payload[KEY_LEN:]))
+            else:
+                self._on_frame(ftype, payload)
+                if self._error is not None:
+                    return
+        if len(queue) != before:
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+            if len(queue) >= _RECV_HIGH and not self._read_paused and self._backend is not None:
+                self._read_paused = True
+                self._backend.pause_reading()
+
+    def _on_http(self, data: bytes) -> bytes:
+        """Handle the HTTP response head; return the DERP bytes that follow it."""
+        self._head += data
+        if self._state == _BODY:
+            if len(self._head) >= min(self._body_want, 4096):
+                self._fail_upgrade()
+            return b""
+        if self._state == _SNIFF:
+            if len(self._head) < 5:
+                return b""
+            if not self._head.startswith(b"HTTP/"):
+                # Fast start worked: no HTTP response, straight to frames.
+                self._state = None
+                rest = bytes(self._head)
+                self._head.clear()
+                return rest
+            # The server ignored fast start and answered anyway; read the head normally.
+        try:
+            parts = split_head(bytes(self._head))
+        except ProtocolError as e:
+            self._fail(DerpConnectionError(f"{self.url}: {e}"))
+            return b""
+        if parts is None:
+            return b""
+        head, rest = parts
+        try:
+            resp = parse_response_head(head)
+        except ProtocolError as e:
+            self._fail(DerpConnectionError(f"{self.url}: {e}"))
+            return b""
+        if resp.status != 101:
+            self._body_head = resp
+            self._state = _BODY
+            self._head = bytearray(rest)
+            cl = resp.header("Content-Length")
+            self._body_want = int(cl) if cl.isdigit() else 0
+            if len(self._head) >= min(self._body_want, 4096):
+                self._fail_upgrade()
+            return b""
+        self._head = bytearray()
+        self._state = None if self._fast_key is not None else _SERVER_KEY
+        return rest
+
+    def _fail_upgrade(self) -> None:
+        resp = self._body_head
+        self._fail(DerpUpgradeError(resp.status, resp.reason, bytes(self._head[:4096])))
+
+    def _on_frame(self, ftype: int, payload: bytes) -> None:
+        """Everything except a well-formed RecvPacket after the handshake."""
+        if self._state == _SERVER_KEY:
+            try:
+                sk = decode_server_key(ftype, payload)
+            except ProtocolError as e:
+                self._fail(DerpConnectionError(f"{self.url}: {e}"))
+                return
+            self.server_key = NodePublic(sk.key)
+            self._state = None
+            try:
+                self._write(self._hello_bytes())
+            except DerpConnectionError:
+                return
+            if not self._hello_sent.done():
+                self._hello_sent.set_result(None)
+            return
+        if ftype == _T_SERVER_KEY:
+            # Fast start: the server sends ServerKey anyway. Check it, since a wrong key
+            # otherwise shows up only as the server silently closing on us.
+            fk = self._fast_key
+            if fk is not None and len(payload) >= 40 and payload[8:40] != fk.raw:
+                self._fail(
+                    DerpConnectionError(
+                        f"{self.url}: fast start used server key {fk} but the server's key is "
+                        f"{NodePublic(payload[8:40])}"
+                    )
+                )
+            return
+        f = decode_client_side(ftype, payload)
+        if f is None or isinstance(f, Unknown):
+            return
+        if isinstance(f, ServerInfoFrame):
+            self._on_server_info(f)
+            return
+        if isinstance(f, Pong):
+            fut = self._pings.pop(f.data, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(self._loop.time())
+                return
+        elif isinstance(f, Ping) and self._can_ack_pings:
+            with contextlib.suppress(DerpConnectionError):
+                self._write(Pong(f.data).encode())
+        self._queue.append(f)
+
+    def _on_server_info(self, f: ServerInfoFrame) -> None:
+        assert self.server_key is not None
+        try:
+            info = handshake.open_server_info(self._key, self.server_key, f.sealed)
+        except ProtocolError as e:
+            self._fail(DerpConnectionError(f"{self.url}: bad ServerInfo: {e}"))
+            return
+        if info.token_bucket_bytes_per_second > 0:
+            self._bucket_rate = float(info.token_bucket_bytes_per_second)
+            self._bucket_burst = self._bucket_tokens = float(info.token_bucket_bytes_burst)
+            self._bucket_time = time.monotonic()
+        else:
+            self._bucket_rate = 0.0
+        if not self._server_info.done():
+            self._server_info.set_result(info)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        if self._error is not None:
+            return
+        if self._state == _BODY:
+            self._fail_upgrade()
+            return
+        where = "" if self._state is None else f" while {self._state}"
+        if exc is None:
+            self._fail(DerpConnectionError(f"{self.url}: connection closed by the server{where}"))
+        else:
+            err = DerpConnectionError(f"{self.url}: connection lost{where}: {exc}")
+            err.__cause__ = exc
+            self._fail(err)
+
+    def _arm_idle_timer(self) -> None:
+        if self._error is None and self._read_timeout > 0:
+            self._idle_timer = self._loop.call_later(self._read_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self._error is not None:
+            return
+        now = self._loop.time()
+        if self._read_paused:
+            self._last_rx = now  # the application is behind, not the server
+        idle = now - self._last_rx
+        if idle >= self._read_timeout:
+            self._fail(DerpTimeoutError(f"{self.url}: no frame from the server for {idle:.0f} s"))
+            return
+        self._idle_timer = self._loop.call_later(self._read_timeout - idle, self._check_idle)
+
+    def _fail(self, err: DerpConnectionError) -> None:
+        """Make ``err`` the sticky error, drop the socket and wake everyone waiting."""
+        if self._error is not None:
+            return
+        self._error = err
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._out.clear()
+        if self._backend is not None:
+            self._backend.abort()
+        for fut in (self._waiter, self._hello_sent, self._server_info):
+            if fut is not None and not fut.done():
+                if fut is self._waiter:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+        # Nobody may be waiting on these; don't let asyncio log "never retrieved".
+        for fut in (self._hello_sent, self._server_info):
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()
+        self._pings.clear()
+
+    def _raise(self) -> None:
+        assert self._error is not None
+        raise self._error.with_traceback(None)
+
+    async def recv(self, timeout: float | None = None) -> Frame:  # noqa: ASYNC109
+        """Next frame from the server. ``TimeoutError`` if none within ``timeout``.
+
+        Queued frames are returned even after the connection failed; then the sticky
+        ``DerpConnectionError`` is raised.
+        """
+        queue = self._queue
+        while True:
+            if queue:
+                f = queue.popleft()
+                if self._read_paused and len(queue) <= _RECV_LOW:
+                    self._read_paused = False
+                    self._last_rx = self._loop.time()
+                    if self._backend is not None and self._error is None:
+                        self._backend.resume_reading()
+                return f
+            if self._error is not None:
+                self._raise()
+            w = self._waiter
+            if w is None or w.done():
+                w = self._waiter = self._loop.create_future()
+            if timeout is None:
+                await asyncio.shield(w)
+            else:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(w)
+
+    def __aiter__(self) -> DerpClient:
+        return self
+
+    async def __anext__(self) -> Frame:
+        try:
+            return await self.recv()
+        except DerpClosedError:
+            raise StopAsyncIteration from None
+
+    async def wait_server_info(self, timeout: float | None = None) -> handshake.ServerInfo:  # noqa: ASYNC109
+        """Wait for ServerInfo, which the server sends once it admitted and registered us."""
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self._server_info)
+
+    @property
+    def server_info(self) -> handshake.ServerInfo | None:
+        f = self._server_info
+        return f.result() if f.done() and not f.exception() else None
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def error(self) -> DerpConnectionError | None:
+        """Why the connection ended (None while it is alive)."""
+        return self._error
+
+    # ------------------------------------------------------------------ send side
+
+    def _write(self, data: bytes) -> None:
+        """Queue bytes for the next flush; a full batch is written at once."""
+        if self._error is not None:
+            self._raise()
+        self._out.append(data)
+        self._out_len += len(data)
+        if self._out_len >= _FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._out
+        if not out or self._backend is None or self._error is not None:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_len = 0
+        self._backend.write(data)
+
+    async def _drain(self) -> None:
+        b = self._backend
+        if b is not None and b.write_paused:
+            await b.drain()
+            if self._error is not None:
+                self._raise()
+
+    def _allow(self, nbytes: int) -> bool:
+        """Advisory token bucket from ServerInfo: over budget means drop silently (Go)."""
+        now = time.monotonic()
+        self._bucket_tokens = min(
+            self._bucket_burst, self._bucket_tokens + (now - self._bucket_time) * self._bucket_rate
+        )
+        self._bucket_time = now
+        if self._bucket_tokens < nbytes:
+            self.rate_limited_drops += 1
+            return False
+        self._bucket_tokens -= nbytes
+        return True
+
+    async def send(self, dst: NodePublic | bytes, data: bytes) -> None:
+        """Send one packet (≤ 65 536 bytes) to the client with public key ``dst``."""
+        n = len(data)
+        if n > MAX_PACKET_SIZE:
+            raise ValueError(f"packet of {n} bytes exceeds the DERP maximum of {MAX_PACKET_SIZE}")
+        raw = dst.raw if isinstance(dst, NodePublic) else dst
+        if len(raw) != KEY_LEN:
+            raise ValueError(f"destination key must be {KEY_LEN} bytes")
+        if self._bucket_rate and not self._allow(5 + KEY_LEN + n):
+            return
+        self._write(header(FrameType.SEND_PACKET, KEY_LEN + n) + raw)
+        if n:
+            self._out.append(data)
+            self._out_len += n
+            if self._out_len >= _FLUSH_AT:
+                self._flush()
+        await self._drain()
+
+    async def forward_packet(
+        self, src: NodePublic | bytes, dst: NodePublic | bytes, data: bytes
+    ) -> None:
+        """Mesh only: deliver ``data`` to ``dst`` as if ``src`` had sent it to that server."""
+        if len(data) > MAX_PACKET_SIZE:
+            raise ValueError(
+                f"packet of {len(data)} bytes exceeds the DERP maximum of {MAX_PACKET_SIZE}"
+            )
+        s = src.raw if isinstance(src, NodePublic) else src
+        d = dst.raw if isinstance(dst, NodePublic) else dst
+        self._write(ForwardPacket(s, d, data).encode())
+        await self._drain()
+
+    async def note_preferred(self, preferred: bool) -> None:
+        """Tell the server whether it is our home DERP (statistics only)."""
+        self._write(NotePreferred(preferred).encode())
+        await self._drain()
+
+    async def watch_conns(self) -> None:
+        """Mesh only: subscribe to PeerPresent/PeerGone for the server's local clients."""
+        self._write(WatchConns().encode())
+        await self._drain()
+
+    async def close_peer(self, key: NodePublic | bytes) -> None:
+        """Mesh only: ask the server to close every connection of ``key``."""
+        self._write(ClosePeer(key.raw if isinstance(key, NodePublic) else key).encode())
+        await self._drain()
+
+    async def send_ping(self, data: bytes) -> None:
+        """Send a Ping with 8 bytes of our choosing (``ping()`` does the bookkeeping)."""
+        if len(data) != PING_DATA_LEN:
+            raise ValueError("ping data must be 8 bytes")
+        self._write(frame(FrameType.PING, data))
+        await self._drain()
+
+    async def send_pong(self, data: bytes) -> None:
+        if len(data) != PING_DATA_LEN:
+            raise ValueError("pong data must be 8 bytes")
+        self._write(frame(FrameType.PONG, data))
+        await self._drain()
+
+    async def ping(self, timeout: float = PING_TIMEOUT) -> float:  # noqa: ASYNC109
+        """Round-trip time in seconds of a Ping to the server; its Pong is not delivered.
+
+        Works without anyone calling ``recv()``: the Pong is matched as soon as it is read.
+        """
+        data = os.urandom(PING_DATA_LEN)
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._pings[data] = fut
+        try:
+            start = self._loop.time()
+            await self.send_ping(data)
+            self._flush()
+            async with asyncio.timeout(timeout):
+                end = await fut
+            return end - start
+        finally:
+            self._pings.pop(data, None)
+
+    # ------------------------------------------------------------------ closing
+
+    def abort(self) -> None:
+        """Drop the connection at once, without flushing (used after errors)."""
+        if self._error is None:
+            self._fail(DerpClosedError(f"{self.url}: client closed"))
+        elif self._backend is not None:
+            self._backend.abort()
+
+    async def close(self) -> None:
+        """Flush what was sent and close; later calls raise ``DerpClosedError``."""
+        if self._error is not None:
+            if isinstance(self._backend, _WsBackend):
+                await self._backend._shutdown()
+            return
+        self._flush()
+        backend = self._backend
+        self._backend = None  # so _fail does not abort before the flush completes
+        self._fail(DerpClosedError(f"{self.url}: client closed"))
+        if backend is not None:
+            await backend.aclose()
+
+    async def __aenter__(self) -> DerpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._error else "open"
+        return f"<DerpClient {self.public_key.short()} -> {self.url} {state}>"

@@ -1,0 +1,86 @@
+"""TLS settings for DERP connections, including DERP-map ``CertName`` pins.
+
+A DERP-map node's ``CertName`` either pins the SHA-256 of the leaf certificate's DER bytes
+(``sha256-raw:<hex>``, used for self-signed IP-address servers) or names the TLS server
+name to verify against instead of the dial host. A pin replaces chain verification: the
+certificate is typically self-signed, so the hash *is* the trust decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from dataclasses import dataclass
+
+from .errors import DerpCertificateError
+
+SHA256_RAW_PREFIX = "sha256-raw:"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSPlan:
+    """How to set up TLS for one connection."""
+
+    context: ssl.SSLContext
+    server_name: str  # SNI and the name the chain is checked against
+    pin_sha256: bytes | None = None  # leaf DER hash to require after the handshake
+
+
+def _unverified_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # derper's floor too
+    return ctx
+
+
+def parse_pin(cert_name: str) -> bytes | None:
+    """Return the pinned hash of a ``sha256-raw:`` CertName, or None for a server name."""
+    if not cert_name.startswith(SHA256_RAW_PREFIX):
+        return None
+    text = cert_name[len(SHA256_RAW_PREFIX) :].strip()
+    try:
+        pin = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"CertName {cert_name!r}: not hexadecimal") from None
+    if len(pin) != 32:
+        raise ValueError(f"CertName {cert_name!r}: want 64 hex digits of SHA-256")
+    return pin
+
+
+def plan_tls(
+    url_host: str,
+    *,
+    cert_name: str | None = None,
+    insecure: bool = False,
+    context: ssl.SSLContext | None = None,
+) -> TLSPlan:
+    """Decide the SSL context, SNI and pin.
+
+    A caller-supplied context is used as is for ordinary verification; pins and
+    ``insecure`` need verification off, so they get a fresh context rather than silently
+    changing the caller's shared one.
+    """
+    if cert_name:
+        pin = parse_pin(cert_name)
+        if pin is not None:
+            return TLSPlan(_unverified_context(), url_host, pin)
+        ctx = _unverified_context() if insecure else (context or ssl.create_default_context())
+        return TLSPlan(ctx, cert_name)
+    if insecure:
+        return TLSPlan(_unverified_context(), url_host)
+    return TLSPlan(context or ssl.create_default_context(), url_host)
+
+
+def check_pin(der: bytes | None, pin: bytes, where: str) -> None:
+    """Compare the leaf certificate with a CertName pin, naming both hashes on mismatch."""
+    if der is None:
+        raise DerpCertificateError(
+            f"{where}: server presented no certificate to check against the CertName pin"
+        )
+    got = hashlib.sha256(der).digest()
+    if got != pin:
+        raise DerpCertificateError(
+            f"{where}: TLS certificate does not match the CertName pin: "
+            f"want {SHA256_RAW_PREFIX}{pin.hex()}, server presented {SHA256_RAW_PREFIX}{got.hex()}"
+        )
