@@ -190,7 +190,10 @@ class ClientConn(asyncio.Protocol):
             return
         self.last_recv = self._loop.time()
         if self.state == _RUNNING:
-            self._handle_frames(frames)
+            if self._early is not None:
+                self._early.extend(frames)  # still waiting out a rate-limit pause
+            else:
+                self._handle_frames(frames)
         elif self.state == _HANDSHAKE:
             self._handshake(frames)
         else:
@@ -255,12 +258,23 @@ class ClientConn(asyncio.Protocol):
         if early:
             self._handle_frames(early)
 
-    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
+    def _handle_frames(self, frames: list[tuple[int, bytes]], precharged: bool = False) -> None:
         server = self.server
         stats = server.stats
-        for ftype, payload in frames:
+        for i, (ftype, payload) in enumerate(frames):
             if self.state != _RUNNING:
                 return
+            if self._rate_last and not (precharged and i == 0):
+                wait = self._charge(len(payload))
+                if wait > 0:
+                    # Like derper, hold this frame (and everything after it) until the
+                    # bucket refills; not reading is what slows the sender down.
+                    self._early = frames[i:]
+                    stats.rate_limit_waited += 1
+                    if hasattr(self.transport, "pause_reading"):
+                        self.transport.pause_reading()
+                    self._loop.call_later(wait, self._rate_resume)
+                    return
             if self.is_dup:
                 server.note_activity(self)
             if ftype == _SEND:
@@ -302,8 +316,6 @@ class ClientConn(asyncio.Protocol):
             else:
                 if ftype not in (FrameType.PONG, FrameType.KEEP_ALIVE):
                     stats.unknown_frames += 1
-            if self._rate_last:
-                self._charge(len(payload))
 
     def _note_preferred(self, preferred: bool) -> None:
         if preferred == self.preferred:
@@ -315,25 +327,27 @@ class ClientConn(asyncio.Protocol):
             else:
                 self.server.stats.home_moves_out += 1
 
-    def _charge(self, nbytes: int) -> None:
-        """Receive rate limit (-rate-config): pause reading while in debt (backpressure)."""
+    def _charge(self, nbytes: int) -> float:
+        """-rate-config: take a frame's cost from the bucket; return how long to wait."""
         limit = self.server.rate_limit
         if limit is None or self.is_mesh:
             self._rate_last = 0.0
-            return
+            return 0.0
         rate, burst = limit
         now = self._loop.time()
         self._rate_tokens = min(float(burst), self._rate_tokens + (now - self._rate_last) * rate)
         self._rate_last = now
         self._rate_tokens -= min(nbytes, MIN_RATE_BURST)
-        if self._rate_tokens < 0 and hasattr(self.transport, "pause_reading"):
-            self.server.stats.rate_limit_waited += 1
-            self.transport.pause_reading()
-            self._loop.call_later(-self._rate_tokens / rate, self._rate_resume)
+        return -self._rate_tokens / rate if self._rate_tokens < 0 else 0.0
 
     def _rate_resume(self) -> None:
-        if self.state == _RUNNING and hasattr(self.transport, "resume_reading"):
+        if self.state != _RUNNING:
+            return
+        backlog, self._early = self._early, None
+        if hasattr(self.transport, "resume_reading"):
             self.transport.resume_reading()
+        if backlog:
+            self._handle_frames(backlog, precharged=True)
 
     def apply_rate_limit(self) -> None:
         """Called on SIGHUP reload: start (or stop) limiting this existing connection."""

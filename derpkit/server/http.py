@@ -34,6 +34,7 @@ BROWSER_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
 }
+ALL_FAMILIES = web.AppKey("all_families", Callable[[], Iterable[metrics.Family]])
 NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
 _CHALLENGE_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 _PROD_HOST_RE = re.compile(r"^derp([^.]*)\.tailscale\.com\.?$")
@@ -261,15 +262,15 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     app.router.add_route("*", "/generate_204", generate_204)
     app.router.add_route("*", "/robots.txt", robots)
     app.router.add_route("*", "/bootstrap-dns", bootstrap_dns)
-    app.router.add_route("*", "/debug", lambda r: _redirect("/debug/"))
+    app.router.add_route("*", "/debug", debug_redirect)
     app.router.add_route("*", "/debug/{tail:.*}", debug)
     app.router.add_route("*", "/{tail:.*}", home)
-    app["all_families"] = all_families
+    app[ALL_FAMILIES] = all_families
     return app
 
 
-async def _redirect(location: str) -> web.Response:
-    raise web.HTTPMovedPermanently(location)
+async def debug_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPMovedPermanently("/debug/")
 
 
 def no_content(request: web.Request) -> web.Response:

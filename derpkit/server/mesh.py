@@ -1,0 +1,158 @@
+"""Outbound mesh links: one DERP client per ``-mesh-with`` peer.
+
+Each link logs in to the peer with this server's own key and the mesh key, subscribes
+with WatchConns, and turns the peer's PeerPresent/PeerGone stream into routes in our
+forwarder table. Packets for keys on the peer go out on the same connection as
+ForwardPacket frames. A broken link drops every route it taught us and retries every
+5 s, like derper's watch loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from derpkit.protocol import frames as F
+from derpkit.protocol.constants import MESH_RETRY_INTERVAL
+
+if TYPE_CHECKING:
+    from derpkit.client.conn import DerpClient
+
+    from .derp import DerpServer
+
+log = logging.getLogger("derpkit.mesh")
+
+#: A forward that cannot be written for this long closes the link (derper: 5 s).
+FORWARD_WRITE_TIMEOUT = 5.0
+
+
+class MeshLink:
+    """Our connection to one mesh peer, and the forwarder for the keys it announces."""
+
+    def __init__(
+        self,
+        server: DerpServer,
+        host: str,
+        dial_host: str | None = None,
+        *,
+        scheme: str = "https",
+        insecure_tls: bool = False,
+        cert_name: str | None = None,
+        retry_interval: float = MESH_RETRY_INTERVAL,
+    ) -> None:
+        self.server = server
+        self.host = host
+        self.dial_host = dial_host
+        self.url = f"{scheme}://{host}/derp"
+        self.insecure_tls = insecure_tls
+        self.cert_name = cert_name
+        self.retry_interval = retry_interval
+        self.client: DerpClient | None = None
+        self.seen: set[bytes] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.forwarded = 0
+        self.forward_errors = 0
+        self._stall: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"MeshLink({self.url})"
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"mesh {self.host}")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+            self.task = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        self._forget_all()
+
+    # -------------------------------------------------------------- forwarding
+
+    def forward_packet(self, src: bytes, dst: bytes, data: bytes) -> None:
+        """Called synchronously from routing; a dead link loses the packet, as in Go."""
+        c = self.client
+        if c is None or c.closed:
+            self.forward_errors += 1
+            return
+        try:
+            c._write(F.ForwardPacket(src, dst, data).encode())  # noqa: SLF001 - sync hot path
+        except Exception:
+            self.forward_errors += 1
+            return
+        self.forwarded += 1
+        backend = c._backend  # noqa: SLF001
+        if backend is not None and backend.write_paused and self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(FORWARD_WRITE_TIMEOUT, self._stalled, c)
+
+    def _stalled(self, c: DerpClient) -> None:
+        self._stall = None
+        backend = c._backend  # noqa: SLF001
+        if backend is not None and backend.write_paused:
+            log.warning("mesh %s: forward write stalled for %ss; reconnecting", self.host, FORWARD_WRITE_TIMEOUT)
+            asyncio.get_running_loop().create_task(c.close())
+
+    # -------------------------------------------------------------- watch loop
+
+    def _forget_all(self) -> None:
+        for key in list(self.seen):
+            self.server.remove_forwarder(key, self)
+        self.seen.clear()
+
+    async def _run(self) -> None:
+        from derpkit.client.conn import DerpClient
+
+        server = self.server
+        while True:
+            try:
+                client = await DerpClient.connect(
+                    self.url,
+                    private_key=server.private_key,
+                    mesh_key=server.mesh_key,
+                    can_ack_pings=False,
+                    watch_conns=True,
+                    dial_host=self.dial_host,
+                    insecure_tls=self.insecure_tls,
+                    cert_name=self.cert_name,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("mesh %s: connect failed: %s; retrying in %ss", self.host, e, self.retry_interval)
+                await asyncio.sleep(self.retry_interval * random.uniform(0.9, 1.1))
+                continue
+            if client.server_key == server.public_key:
+                log.info("mesh %s: detected self-connect; not meshing with myself", self.host)
+                await client.close()
+                return
+            log.info("mesh %s: connected, watching %s", self.host, client.server_key)
+            self.client = client
+            self.connected.set()
+            try:
+                while True:
+                    f = await client.recv()
+                    if isinstance(f, F.PeerPresent):
+                        self.seen.add(f.key)
+                        server.add_forwarder(f.key, self)
+                    elif isinstance(f, F.PeerGone):
+                        self.seen.discard(f.key)
+                        server.remove_forwarder(f.key, self)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("mesh %s: link lost: %s; retrying in %ss", self.host, e, self.retry_interval)
+            finally:
+                self.connected.clear()
+                self.client = None
+                self._forget_all()
+                await client.close()
+            await asyncio.sleep(self.retry_interval)

@@ -1,0 +1,236 @@
+"""The relay over real loopback connections: delivery, peer gone, ping, keepalive, dups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from derpkit.client import DerpClient
+from derpkit.protocol import frames as F
+from derpkit.protocol.constants import DISCO_MAGIC, PeerGoneReason
+from derpkit.protocol.keys import NodePrivate
+
+from .helpers import exchange, nothing_arrives, recv_kind, recv_packet, running_node
+
+
+async def test_two_clients_exchange_both_ways_with_sender_key() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        assert a.server_key == node.public_key
+        assert a.server_info is not None and a.server_info.version == 2
+        await exchange(a, b, 5)
+        s = node.server.stats
+        assert s.packets_received == 10 and s.packets_sent == 10
+        assert s.bytes_received == sum(len(b"a->b %d" % i) * 2 for i in range(5))
+        await a.close()
+        await b.close()
+
+
+async def test_empty_and_maximum_packets_and_self_send() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        await a.send(b.public_key, b"")
+        assert (await recv_packet(b)).data == b""
+        big = os.urandom(65536)
+        await a.send(b.public_key, big)
+        assert (await recv_packet(b)).data == big
+        await a.send(a.public_key, b"to myself")
+        got = await recv_packet(a)
+        assert got.data == b"to myself" and got.src == a.public_key.raw
+
+
+async def test_unknown_destination_is_dropped_and_counted_with_not_here_for_disco() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        nobody = NodePrivate.generate().public()
+        await a.send(nobody, b"plain data")
+        assert await nothing_arrives(a, F.PeerGone)
+        disco = DISCO_MAGIC + os.urandom(60)
+        for _ in range(6):
+            await a.send(nobody, disco)
+        gone = []
+        try:
+            async with asyncio.timeout(0.5):
+                while True:
+                    f = await a.recv()
+                    if isinstance(f, F.PeerGone):
+                        gone.append(f)
+        except TimeoutError:
+            pass
+        assert len(gone) == 3  # burst of 3, then 1 per second
+        assert all(g.key == nobody.raw and g.reason == PeerGoneReason.NOT_HERE for g in gone)
+        d = node.server.stats.dropped_packets
+        assert d[("unknown_dest", "other")] == 1
+        assert d[("unknown_dest", "disco")] == 6
+        assert node.server.stats.peer_gone_not_here_frames == 3
+
+
+async def test_peer_gone_reaches_those_who_received_from_the_leaver() -> None:
+    async with running_node() as node:
+        c0, c1, c2 = [await DerpClient.connect(node.url) for _ in range(3)]
+        await c0.send(c1.public_key, b"0->1")
+        await recv_packet(c1)
+        await c1.send(c2.public_key, b"1->2")
+        await recv_packet(c2)
+        await c1.close()
+        gone = await recv_kind(c2, F.PeerGone)
+        assert gone.key == c1.public_key.raw and gone.reason == PeerGoneReason.DISCONNECTED
+        # c0 only sent to c1; it never received from c1, so it hears nothing.
+        assert await nothing_arrives(c0, F.PeerGone)
+        await c2.close()
+        assert await nothing_arrives(c0, F.PeerGone)  # nobody received from c2
+        assert node.server.stats.peer_gone_disconnected_frames == 1
+
+
+async def test_ping_gets_pong_with_same_bytes_and_rtt() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        rtt = await a.ping()
+        assert 0 < rtt < 1
+        await a.send_ping(b"12345678")
+        pong = await recv_kind(a, F.Pong)
+        assert pong.data == b"12345678"
+        assert node.server.stats.got_ping == 2 and node.server.stats.sent_pong == 2
+
+
+async def test_keepalives_arrive_on_schedule() -> None:
+    async with running_node(keepalive_interval=0.2, keepalive_jitter=0.05) as node:
+        a = await DerpClient.connect(node.url, can_ack_pings=False)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        stamps = []
+        for _ in range(3):
+            await recv_kind(a, F.KeepAlive, timeout=2)
+            stamps.append(loop.time() - t0)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        assert all(0.15 < g < 0.45 for g in gaps), gaps
+
+
+def test_default_keepalive_cadence_is_derpers() -> None:
+    from derpkit.server.derp import DerpServer
+
+    s = DerpServer(NodePrivate.generate())
+    assert s.keepalive_interval == 60.0 and s.keepalive_jitter == 5.0
+
+
+async def test_server_pings_silent_clients_and_closes_dead_ones() -> None:
+    async with running_node(keepalive_interval=0.2, keepalive_jitter=0.0) as node:
+        # This client promised to answer pings and does (DerpClient auto-answers).
+        alive = await DerpClient.connect(node.url, can_ack_pings=True)
+        # This one promised but will not answer: a raw connection that stops reading.
+        from .helpers import RawConn
+
+        raw = await RawConn.open(node.port)
+        from derpkit.protocol.handshake import ClientInfo, client_info_frame
+
+        assert raw.server_key is not None
+        raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo(can_ack_pings=True)))
+        ping = await recv_kind(alive, F.Ping, timeout=2)
+        assert len(ping.data) == 8
+        assert await raw.closed_by_server(timeout=3)
+        assert node.server.stats.dead_clients_closed >= 1
+        await asyncio.sleep(0.5)
+        assert not alive.closed  # the one that answered stays
+
+
+async def test_duplicate_connections_follow_last_writer_policy() -> None:
+    async with running_node() as node:
+        key = NodePrivate.generate()
+        sender = await DerpClient.connect(node.url)
+        first = await DerpClient.connect(node.url, private_key=key)
+        second = await DerpClient.connect(node.url, private_key=key)
+        # The newest connection is active.
+        await sender.send(key.public(), b"p1")
+        assert (await recv_packet(second)).data == b"p1"
+        assert await nothing_arrives(first, F.RecvPacket)
+        # The older one sends any frame: it becomes active.
+        await first.send_ping(b"abcdefgh")
+        await recv_kind(first, F.Pong)
+        await sender.send(key.public(), b"p2")
+        assert (await recv_packet(first)).data == b"p2"
+        assert await nothing_arrives(second, F.RecvPacket)
+        g = node.server.gauges()
+        assert g["current_dup_client_keys"] == 1 and g["current_dup_client_conns"] == 2
+        assert node.server.stats.total_dup_client_conns == 1
+        # The active one leaves: the other gets packets again, and nobody hears PeerGone.
+        await first.close()
+        await asyncio.sleep(0.1)
+        await sender.send(key.public(), b"p3")
+        assert (await recv_packet(second)).data == b"p3"
+        assert await nothing_arrives(sender, F.PeerGone)
+        assert node.server.gauges()["current_dup_client_keys"] == 0
+        # The last one leaves: the sender, who never received from it, hears nothing;
+        await second.close()
+        assert await nothing_arrives(sender, F.PeerGone)
+
+
+async def test_third_duplicate_and_active_leaving_falls_back_to_history() -> None:
+    async with running_node() as node:
+        key = NodePrivate.generate()
+        sender = await DerpClient.connect(node.url)
+        a = await DerpClient.connect(node.url, private_key=key)
+        b = await DerpClient.connect(node.url, private_key=key)
+        c = await DerpClient.connect(node.url, private_key=key)
+        await sender.send(key.public(), b"to c")
+        assert (await recv_packet(c)).data == b"to c"
+        await c.close()  # history was [a, c]: a takes over, not b
+        await asyncio.sleep(0.1)
+        await sender.send(key.public(), b"to a")
+        assert (await recv_packet(a)).data == b"to a"
+        assert await nothing_arrives(b, F.RecvPacket)
+
+
+async def test_note_preferred_counts_home_connections() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url, preferred=True)
+        await a.ping()
+        assert node.server.gauges()["current_home_connections"] == 1
+        await a.note_preferred(False)
+        await a.ping()
+        assert node.server.gauges()["current_home_connections"] == 0
+        assert node.server.stats.home_moves_out == 0  # within the first 5 s: not a move
+
+
+async def test_fast_start_skips_the_101() -> None:
+    async with running_node() as node:
+        from .helpers import RawConn
+
+        raw = await RawConn.open(node.port, fast_start=True)
+        assert raw.head == b""  # no HTTP response at all
+        assert raw.server_key == node.public_key
+        c = await DerpClient.connect(node.url, server_key=node.public_key)
+        other = await DerpClient.connect(node.url)
+        await exchange(c, other, 1)
+
+
+async def test_websocket_clients_relay_with_tcp_clients() -> None:
+    async with running_node() as node:
+        ws = await DerpClient.connect(node.url, websocket=True)
+        tcp = await DerpClient.connect(node.url)
+        await exchange(ws, tcp, 3)
+        big = os.urandom(65536)  # spans several 32 KiB messages each way
+        await tcp.send(ws.public_key, big)
+        assert (await recv_packet(ws)).data == big
+        await ws.send(tcp.public_key, big)
+        assert (await recv_packet(tcp)).data == big
+        assert node.server.stats.websocket_accepts == 1
+
+
+async def test_rate_limit_slows_a_sender_without_dropping() -> None:
+    async with running_node() as node:
+        node.server.set_rate_limit(200_000, 0)  # burst raised to 65 568
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        payload = b"x" * 10_000
+        for _ in range(30):  # 300 kB: about 65 kB burst + 235 kB at 200 kB/s
+            await a.send(b.public_key, payload)
+        for _ in range(30):
+            await recv_packet(b)
+        elapsed = loop.time() - t0
+        assert elapsed > 0.8, elapsed
+        assert node.server.stats.rate_limit_waited > 0
+        assert sum(node.server.stats.dropped_packets.values()) == 0
