@@ -408,7 +408,8 @@ class FrameReader:
     """Incremental frame splitter: bytes in, ``(type, payload)`` pairs out.
 
     ``check(type, length)`` runs as soon as a header is complete. It may raise
-    ``ProtocolError`` (nothing more is buffered), return True to keep the payload, or
+    ``ProtocolError`` (nothing more is buffered; the complete frames that preceded the
+    bad header in this chunk are on the exception as ``frames``), return True to keep the payload, or
     False to skip it without buffering (the frame is then reported with an empty payload
     and ``skipped`` counts it).
     """
@@ -441,7 +442,14 @@ class FrameReader:
         unpack = _HEADER.unpack_from
         while end - off >= FRAME_HEADER_LEN:
             ftype, length = unpack(view, off)
-            if not check(ftype, length):
+            try:
+                keep = check(ftype, length)
+            except ProtocolError as e:
+                # Frames before the bad one are valid and Go acts on them before closing;
+                # hand them over on the exception so the caller can do the same.
+                e.frames = out  # type: ignore[attr-defined]
+                raise
+            if not keep:
                 self.skipped += 1
                 out.append((ftype, b""))
                 avail = end - off - FRAME_HEADER_LEN
