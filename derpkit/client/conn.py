@@ -550,11 +550,12 @@ class DerpClient:
             data = self._on_http(data)
             if not data or self._error is not None:
                 return
+        fatal: ProtocolError | None = None
         try:
             frames = self._reader.feed(data)
         except ProtocolError as e:
-            self._fail(DerpConnectionError(f"{self.url}: {e}"))
-            return
+            # Deliver what preceded the bad frame, as Go's sequential reader would.
+            fatal, frames = e, getattr(e, "frames", [])
         queue = self._queue
         before = len(queue)
         for ftype, payload in frames:
@@ -571,6 +572,8 @@ class DerpClient:
             if len(queue) >= _RECV_HIGH and not self._read_paused and self._backend is not None:
                 self._read_paused = True
                 self._backend.pause_reading()
+        if fatal is not None:
+            self._fail(DerpConnectionError(f"{self.url}: {fatal}"))
 
     def _on_http(self, data: bytes) -> bytes:
         """Handle the HTTP response head; return the DERP bytes that follow it."""
@@ -795,6 +798,15 @@ class DerpClient:
     @property
     def closed(self) -> bool:
         return self._error is not None
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """Our (ip, port) on a TCP/TLS connection: what the server reports in PeerPresent."""
+        b = self._backend
+        if isinstance(b, _TcpProtocol) and b.transport is not None:
+            name = b.transport.get_extra_info("sockname")
+            return (name[0], name[1]) if name else None
+        return None
 
     @property
     def error(self) -> DerpConnectionError | None:
