@@ -1,0 +1,148 @@
+"""Bad input affects only the connection that sent it, is counted, and others keep flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from derpkit.client import DerpClient
+from derpkit.protocol import frames as F
+from derpkit.protocol.constants import FrameType
+from derpkit.protocol.handshake import ClientInfo, client_info_frame, seal
+from derpkit.protocol.keys import NodePrivate
+
+from .helpers import RawConn, exchange, recv_packet, running_node
+
+
+async def _handshaken_raw(port: int, **info: object) -> tuple[RawConn, NodePrivate]:
+    raw = await RawConn.open(port)
+    key = NodePrivate.generate()
+    assert raw.server_key is not None
+    raw.send(client_info_frame(key, raw.server_key, ClientInfo(**info)))  # type: ignore[arg-type]
+    return raw, key
+
+
+def _garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
+    """name -> (bytes sent after the upgrade, whether a ClientInfo goes first)."""
+    k = NodePrivate.generate()
+    other = NodePrivate.generate()
+    return {
+        # Handshake failures.
+        "bad_first_frame": (F.SendPacket(bytes(32), b"x").encode(), False),
+        "bad_magic_first_frame": (F.frame(FrameType.SERVER_KEY, b"XERP\xf0\x9f\x94\x91" + bytes(32)), False),
+        "short_client_info": (F.frame(FrameType.CLIENT_INFO, bytes(40)), False),
+        "bad_box": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, other.public(), b"{}")), False),
+        "bad_json": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, _pub(server_key), b"{nope")), False),
+        "zero_key": (F.frame(FrameType.CLIENT_INFO, bytes(32) + bytes(24) + bytes(30)), False),
+        # Steady-state violations.
+        "oversized_packet": (F.header(FrameType.SEND_PACKET, 32 + 65537), True),
+        "short_send_packet": (F.frame(FrameType.SEND_PACKET, bytes(10)), True),
+        "bad_ping": (F.frame(FrameType.PING, b"1234"), True),
+        "bad_note_preferred": (F.frame(FrameType.NOTE_PREFERRED, b"\x01\x01"), True),
+        "not_mesh_peer": (F.WatchConns().encode(), True),
+    }
+
+
+def _pub(raw: bytes):  # noqa: ANN202
+    from derpkit.protocol.keys import NodePublic
+
+    return NodePublic(raw)
+
+
+@pytest.mark.parametrize(
+    "case",
+    list(_garbage_cases(bytes(range(32))).keys()),
+)
+async def test_garbage_closes_only_that_connection(case: str) -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        raw = await RawConn.open(node.port)
+        assert raw.server_key is not None
+        payload, needs_hello = _garbage_cases(raw.server_key.raw)[case]
+        if needs_hello:
+            raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo()))
+            await asyncio.sleep(0.05)
+        raw.send(payload)
+        await exchange(a, b, 2)  # traffic flows while the bad one is being dropped
+        assert await raw.closed_by_server(), f"{case}: server kept the connection"
+        want = "bad_first_frame" if case == "bad_magic_first_frame" else case
+        assert node.server.stats.conn_errors[want] == 1, dict(node.server.stats.conn_errors)
+        await exchange(a, b, 2)
+        assert not a.closed and not b.closed
+
+
+async def test_garbage_instead_of_http_gets_400_and_nothing_else_breaks() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        raw = await RawConn.open(node.port, upgrade=False)
+        raw.send(os.urandom(3000) + b"\r\n\r\n")
+        data = await asyncio.wait_for(raw.reader.read(100), 5)
+        assert data == b"" or data.split(b" ")[1] == b"400"
+        await exchange(a, b, 2)
+
+
+async def test_unknown_frames_are_skipped_and_counted() -> None:
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        raw, key = await _handshaken_raw(node.port)
+        raw.send(F.frame(0x7E, os.urandom(5000)) + F.SendPacket(b.public_key.raw, b"after").encode())
+        got = await recv_packet(b)
+        assert got.data == b"after" and got.src == key.public().raw
+        assert node.server.stats.unknown_frames == 1
+        await exchange(a, b, 1)
+
+
+async def test_handshake_timeout_closes_silent_connection() -> None:
+    from derpkit.server import conn as conn_mod
+
+    old = conn_mod.HANDSHAKE_TIMEOUT
+    conn_mod.HANDSHAKE_TIMEOUT = 0.3
+    try:
+        async with running_node() as node:
+            raw = await RawConn.open(node.port)
+            assert await raw.closed_by_server(timeout=3)
+            assert node.server.stats.conn_errors["handshake_timeout"] == 1
+    finally:
+        conn_mod.HANDSHAKE_TIMEOUT = old
+
+
+async def test_slow_reader_is_cut_off_alone() -> None:
+    async with running_node(write_timeout=0.5) as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        sender = await DerpClient.connect(node.url)
+        # A client with a tiny receive buffer that completes the handshake, then never reads.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", node.port))
+        sock.setblocking(False)
+        r, w = await asyncio.open_connection(sock=sock)
+        from derpkit.protocol import upgrade as U
+
+        w.write(U.build_request("x", fast_start=True))
+        slow_key = NodePrivate.generate()
+        w.write(client_info_frame(slow_key, node.public_key, ClientInfo()))
+        await asyncio.sleep(0.1)
+        blob = os.urandom(60_000)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(300):  # 18 MB at a reader that takes nothing
+            await sender.send(slow_key.public(), blob)
+            if i % 20 == 0:
+                await exchange(a, b, 1)
+        assert loop.time() - t0 < 10  # the sender was never blocked by the slow reader
+        async with asyncio.timeout(5):
+            while node.server.stats.sclient_write_timeouts == 0:
+                await asyncio.sleep(0.05)
+        await exchange(a, b, 2)
+        d = node.server.stats.dropped_packets
+        assert d[("queue_head", "other")] > 0
+        assert node.server.stats.conn_errors["write_timeout"] == 1
+        assert node.server.gauges()["current_connections"] == 3
+        w.close()
