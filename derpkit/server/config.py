@@ -219,7 +219,9 @@ def _port(value: int) -> str | None:
 
 
 def _http_port(value: int) -> str | None:
-    return None if value <= MAX_PORT else f"must be at most {MAX_PORT} (a negative value disables it)"
+    return (
+        None if value <= MAX_PORT else f"must be at most {MAX_PORT} (a negative value disables it)"
+    )
 
 
 def _not_nan(value: float) -> str | None:
@@ -242,123 +244,291 @@ _MAX_INT64 = (1 << 63) - 1
 
 # derper's 34 flags in the order of the spec's table, then derpkit's extensions.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("dev", ("DEV",), "bool", False,
-            "Local development mode: listen on :3340 whatever -a says, use a throw-away "
-            "server key, and take a mesh key only from $TAILSCALE_DERPER_MESH_KEY."),
-    Setting("version", ("VERSION_FLAG",), "bool", False,
-            "Print the version and exit."),
-    Setting("a", ("ADDR",), "string", ":443",
-            "Listen address for HTTP(S) and DERP: \":port\", \"ip:port\" or \"[ipv6]:port\" "
-            "(no IP means every interface; STUN and the port-80 listener reuse the IP). "
-            "TLS is used when the port is 443 or -certmode is manual, plain HTTP otherwise.",
-            aliases=("DERP_ADDR",), attr="addr"),
-    Setting("http-port", ("HTTP_PORT",), "int", 80,
-            "Plain-HTTP port opened next to the TLS listener, on -a's IP (TLS mode only). "
-            "Negative disables it; 0 picks an ephemeral port.",
-            aliases=("DERP_HTTP_PORT",), check=_http_port),
-    Setting("stun-port", ("STUN_PORT",), "int", 3478,
-            "UDP port for the STUN server, on -a's IP.",
-            aliases=("DERP_STUN_PORT",), check=_port),
-    Setting("c", ("CONFIG_PATH",), "string", "",
-            "JSON file holding the server's private key; created if missing. Empty means "
-            "/var/lib/derper/derper.key when running as root (required otherwise).",
-            attr="config_path"),
-    Setting("certmode", ("CERT_MODE",), "string", "letsencrypt",
-            "Where the TLS certificate comes from: manual, letsencrypt or gcp. Only "
-            "checked in TLS mode.",
-            aliases=("DERP_CERT_MODE",)),
-    Setting("certdir", ("CERT_DIR",), "string", _default_certdir,
-            "Directory for the ACME cache, or for <hostname>.crt/.key in manual mode.",
-            aliases=("DERP_CERT_DIR",),
-            default_doc="`$XDG_CACHE_HOME/tailscale/derper-certs`, else "
-                        "`$HOME/.cache/tailscale/derper-certs`, else empty"),
-    Setting("hostname", ("HOSTNAME",), "string", "derp.tailscale.com",
-            "Name the TLS certificate is for. An IP address is allowed with "
-            "-certmode=manual (self-signed) or -acme-ip-certs.",
-            aliases=("DERP_DOMAIN",)),
-    Setting("acme-eab-kid", ("ACME_EAB_KID",), "string", "",
-            "ACME External Account Binding key ID (needed for gcp)."),
-    Setting("acme-eab-key", ("ACME_EAB_KEY",), "string", "",
-            "ACME External Account Binding HMAC key, base64 (needed for gcp).",
-            secret=True),
-    Setting("acme-email", ("ACME_EMAIL",), "string", "",
-            "Contact address for the ACME account (needed for gcp)."),
-    Setting("acme-ip-certs", ("ACME_IP_CERTS",), "bool", False,
-            "Also get short-lived Let's Encrypt certificates for the server's own IP "
-            "addresses on demand (needs -certmode=letsencrypt and port 80 reachable)."),
-    Setting("stun", ("RUN_STUN",), "bool", True,
-            "Run the STUN server.",
-            aliases=("DERP_STUN",)),
-    Setting("derp", ("RUN_DERP",), "bool", True,
-            "Serve DERP at /derp. With false, /derp answers 404 while STUN, bootstrap DNS and "
-            "mesh keep running."),
-    Setting("home", ("FLAGHOME",), "string", "",
-            "What / serves: empty for the built-in page, \"blank\" for an empty page, or an "
-            "http(s):// URL to redirect to."),
-    Setting("mesh-psk-file", ("MESH_PSKFILE",), "string", _default_mesh_psk_file,
-            "File holding the mesh key (64 hex digits, whitespace trimmed). Empty disables "
-            "the file.",
-            default_doc="`/home/derp/keys/derp-mesh.key` or `$HOME/keys/derp-mesh.key`, "
-                        "whichever exists first, else empty"),
-    Setting("mesh-with", ("MESH_WITH",), "string", "",
-            "Comma-separated mesh peers, each \"host\" or \"host/dialhost\" (connect as host, "
-            "dial dialhost). Listing this server itself is fine."),
-    Setting("secrets-url", ("SECRETS_URL",), "string", "",
-            "setec server URL to fetch the mesh key from."),
-    Setting("secrets-path-prefix", ("SECRETS_PREFIX", "SECRET_PREFIX"), "string", "prod/derp",
-            "setec name prefix; the key is read from <prefix>/meshkey."),
-    Setting("secrets-cache-dir", ("SECRETS_CACHEDIR",), "string", _default_secrets_cache,
-            "setec cache location (used as a file path despite the name).",
-            default_doc="`$HOME/.cache/derper-secrets`"),
-    Setting("bootstrap-dns-names", ("BOOTSTRAP_DNS",), "string", "",
-            "Comma-separated DNS names to resolve and publish at /bootstrap-dns."),
-    Setting("unpublished-bootstrap-dns-names", ("UNPUBLISHED_DNS",), "string", "",
-            "Comma-separated names answered at /bootstrap-dns only when asked for with ?q=; "
-            "an entry \"name/txtname\" takes a 0-100 rollout percentage from a TXT record."),
-    Setting("verify-clients", ("VERIFY_CLIENTS",), "bool", False,
-            "Admit only nodes known to the local tailscaled.",
-            aliases=("DERP_VERIFY_CLIENTS",)),
-    Setting("verify-client-url", ("VERIFY_CLIENT_URL",), "string", "",
-            "Admission-controller URL, POSTed for each connecting client.",
-            aliases=("DERP_VERIFY_CLIENT_URL",)),
-    Setting("verify-client-url-fail-open", ("VERIFY_FAIL_OPEN",), "bool", True,
-            "Admit clients when -verify-client-url cannot be reached.",
-            aliases=("DERP_VERIFY_CLIENT_URL_FAIL_OPEN",)),
-    Setting("socket", ("SOCKET",), "string", "",
-            "tailscaled LocalAPI socket for -verify-clients; empty means the OS default."),
-    Setting("accept-connection-limit", ("ACCEPT_CONNECTION_LIMIT",), "float", math.inf,
-            "New TCP connections per second admitted on the TLS listener (token bucket "
-            "rate); +Inf admits all.",
-            check=_not_nan),
-    Setting("accept-connection-burst", ("ACCEPT_CONNECTION_BURST",), "int", _MAX_INT64,
-            "Token-bucket capacity for -accept-connection-limit.",
-            check=_non_negative),
-    Setting("rate-config", ("RATE_CONFIG",), "string", "",
-            "JSON file of per-client receive rate limits, reloaded on SIGHUP (experimental)."),
-    Setting("tcp-keepalive-time", ("TCP_KEEPALIVE_TIME",), "duration", 600.0,
-            "Idle time before TCP keepalive probes on accepted connections; negative "
-            "disables keepalive."),
-    Setting("tcp-user-timeout", ("TCP_USER_TIMEOUT",), "duration", 15.0,
-            "TCP_USER_TIMEOUT for accepted connections (Linux).",
-            check=_user_timeout),
-    Setting("tcp-write-timeout", ("TCP_WRITE_TIMEOUT",), "duration", 2.0,
-            "Deadline for each write to a non-mesh client; 0 means none.",
-            check=_non_negative),
-    Setting("ace", ("ACE",), "bool", False,
-            "Experimental embedded ACE CONNECT proxy."),
+    Setting(
+        "dev",
+        ("DEV",),
+        "bool",
+        False,
+        "Local development mode: listen on :3340 whatever -a says, use a throw-away "
+        "server key, and take a mesh key only from $TAILSCALE_DERPER_MESH_KEY.",
+    ),
+    Setting("version", ("VERSION_FLAG",), "bool", False, "Print the version and exit."),
+    Setting(
+        "a",
+        ("ADDR",),
+        "string",
+        ":443",
+        'Listen address for HTTP(S) and DERP: ":port", "ip:port" or "[ipv6]:port" '
+        "(no IP means every interface; STUN and the port-80 listener reuse the IP). "
+        "TLS is used when the port is 443 or -certmode is manual, plain HTTP otherwise.",
+        aliases=("DERP_ADDR",),
+        attr="addr",
+    ),
+    Setting(
+        "http-port",
+        ("HTTP_PORT",),
+        "int",
+        80,
+        "Plain-HTTP port opened next to the TLS listener, on -a's IP (TLS mode only). "
+        "Negative disables it; 0 picks an ephemeral port.",
+        aliases=("DERP_HTTP_PORT",),
+        check=_http_port,
+    ),
+    Setting(
+        "stun-port",
+        ("STUN_PORT",),
+        "int",
+        3478,
+        "UDP port for the STUN server, on -a's IP.",
+        aliases=("DERP_STUN_PORT",),
+        check=_port,
+    ),
+    Setting(
+        "c",
+        ("CONFIG_PATH",),
+        "string",
+        "",
+        "JSON file holding the server's private key; created if missing. Empty means "
+        "/var/lib/derper/derper.key when running as root (required otherwise).",
+        attr="config_path",
+    ),
+    Setting(
+        "certmode",
+        ("CERT_MODE",),
+        "string",
+        "letsencrypt",
+        "Where the TLS certificate comes from: manual, letsencrypt or gcp. Only "
+        "checked in TLS mode.",
+        aliases=("DERP_CERT_MODE",),
+    ),
+    Setting(
+        "certdir",
+        ("CERT_DIR",),
+        "string",
+        _default_certdir,
+        "Directory for the ACME cache, or for <hostname>.crt/.key in manual mode.",
+        aliases=("DERP_CERT_DIR",),
+        default_doc="`$XDG_CACHE_HOME/tailscale/derper-certs`, else "
+        "`$HOME/.cache/tailscale/derper-certs`, else empty",
+    ),
+    Setting(
+        "hostname",
+        ("HOSTNAME",),
+        "string",
+        "derp.tailscale.com",
+        "Name the TLS certificate is for. An IP address is allowed with "
+        "-certmode=manual (self-signed) or -acme-ip-certs.",
+        aliases=("DERP_DOMAIN",),
+    ),
+    Setting(
+        "acme-eab-kid",
+        ("ACME_EAB_KID",),
+        "string",
+        "",
+        "ACME External Account Binding key ID (needed for gcp).",
+    ),
+    Setting(
+        "acme-eab-key",
+        ("ACME_EAB_KEY",),
+        "string",
+        "",
+        "ACME External Account Binding HMAC key, base64 (needed for gcp).",
+        secret=True,
+    ),
+    Setting(
+        "acme-email",
+        ("ACME_EMAIL",),
+        "string",
+        "",
+        "Contact address for the ACME account (needed for gcp).",
+    ),
+    Setting(
+        "acme-ip-certs",
+        ("ACME_IP_CERTS",),
+        "bool",
+        False,
+        "Also get short-lived Let's Encrypt certificates for the server's own IP "
+        "addresses on demand (needs -certmode=letsencrypt and port 80 reachable).",
+    ),
+    Setting("stun", ("RUN_STUN",), "bool", True, "Run the STUN server.", aliases=("DERP_STUN",)),
+    Setting(
+        "derp",
+        ("RUN_DERP",),
+        "bool",
+        True,
+        "Serve DERP at /derp. With false, /derp answers 404 while STUN, bootstrap DNS and "
+        "mesh keep running.",
+    ),
+    Setting(
+        "home",
+        ("FLAGHOME",),
+        "string",
+        "",
+        'What / serves: empty for the built-in page, "blank" for an empty page, or an '
+        "http(s):// URL to redirect to.",
+    ),
+    Setting(
+        "mesh-psk-file",
+        ("MESH_PSKFILE",),
+        "string",
+        _default_mesh_psk_file,
+        "File holding the mesh key (64 hex digits, whitespace trimmed). Empty disables the file.",
+        default_doc="`/home/derp/keys/derp-mesh.key` or `$HOME/keys/derp-mesh.key`, "
+        "whichever exists first, else empty",
+    ),
+    Setting(
+        "mesh-with",
+        ("MESH_WITH",),
+        "string",
+        "",
+        'Comma-separated mesh peers, each "host" or "host/dialhost" (connect as host, '
+        "dial dialhost). Listing this server itself is fine.",
+    ),
+    Setting(
+        "secrets-url",
+        ("SECRETS_URL",),
+        "string",
+        "",
+        "setec server URL to fetch the mesh key from.",
+    ),
+    Setting(
+        "secrets-path-prefix",
+        ("SECRETS_PREFIX", "SECRET_PREFIX"),
+        "string",
+        "prod/derp",
+        "setec name prefix; the key is read from <prefix>/meshkey.",
+    ),
+    Setting(
+        "secrets-cache-dir",
+        ("SECRETS_CACHEDIR",),
+        "string",
+        _default_secrets_cache,
+        "setec cache location (used as a file path despite the name).",
+        default_doc="`$HOME/.cache/derper-secrets`",
+    ),
+    Setting(
+        "bootstrap-dns-names",
+        ("BOOTSTRAP_DNS",),
+        "string",
+        "",
+        "Comma-separated DNS names to resolve and publish at /bootstrap-dns.",
+    ),
+    Setting(
+        "unpublished-bootstrap-dns-names",
+        ("UNPUBLISHED_DNS",),
+        "string",
+        "",
+        "Comma-separated names answered at /bootstrap-dns only when asked for with ?q=; "
+        'an entry "name/txtname" takes a 0-100 rollout percentage from a TXT record.',
+    ),
+    Setting(
+        "verify-clients",
+        ("VERIFY_CLIENTS",),
+        "bool",
+        False,
+        "Admit only nodes known to the local tailscaled.",
+        aliases=("DERP_VERIFY_CLIENTS",),
+    ),
+    Setting(
+        "verify-client-url",
+        ("VERIFY_CLIENT_URL",),
+        "string",
+        "",
+        "Admission-controller URL, POSTed for each connecting client.",
+        aliases=("DERP_VERIFY_CLIENT_URL",),
+    ),
+    Setting(
+        "verify-client-url-fail-open",
+        ("VERIFY_FAIL_OPEN",),
+        "bool",
+        True,
+        "Admit clients when -verify-client-url cannot be reached.",
+        aliases=("DERP_VERIFY_CLIENT_URL_FAIL_OPEN",),
+    ),
+    Setting(
+        "socket",
+        ("SOCKET",),
+        "string",
+        "",
+        "tailscaled LocalAPI socket for -verify-clients; empty means the OS default.",
+    ),
+    Setting(
+        "accept-connection-limit",
+        ("ACCEPT_CONNECTION_LIMIT",),
+        "float",
+        math.inf,
+        "New TCP connections per second admitted on the TLS listener (token bucket "
+        "rate); +Inf admits all.",
+        check=_not_nan,
+    ),
+    Setting(
+        "accept-connection-burst",
+        ("ACCEPT_CONNECTION_BURST",),
+        "int",
+        _MAX_INT64,
+        "Token-bucket capacity for -accept-connection-limit.",
+        check=_non_negative,
+    ),
+    Setting(
+        "rate-config",
+        ("RATE_CONFIG",),
+        "string",
+        "",
+        "JSON file of per-client receive rate limits, reloaded on SIGHUP (experimental).",
+    ),
+    Setting(
+        "tcp-keepalive-time",
+        ("TCP_KEEPALIVE_TIME",),
+        "duration",
+        600.0,
+        "Idle time before TCP keepalive probes on accepted connections; negative "
+        "disables keepalive.",
+    ),
+    Setting(
+        "tcp-user-timeout",
+        ("TCP_USER_TIMEOUT",),
+        "duration",
+        15.0,
+        "TCP_USER_TIMEOUT for accepted connections (Linux).",
+        check=_user_timeout,
+    ),
+    Setting(
+        "tcp-write-timeout",
+        ("TCP_WRITE_TIMEOUT",),
+        "duration",
+        2.0,
+        "Deadline for each write to a non-mesh client; 0 means none.",
+        check=_non_negative,
+    ),
+    Setting("ace", ("ACE",), "bool", False, "Experimental embedded ACE CONNECT proxy."),
     # derpkit extensions: not derper flags.
-    Setting("stun-strict", ("STUN_STRICT",), "bool", False,
-            "Answer only Tailscale-shaped STUN binding requests, as derper does (default: "
-            "answer any well-formed binding request).",
-            extension=True),
-    Setting("allowed-keys-file", ("ALLOWED_KEYS_FILE",), "string", "",
-            "File of nodekey:<hex> lines admitted without tailscaled; reloaded when it "
-            "changes.",
-            extension=True),
-    Setting("restart-notice", ("RESTART_NOTICE",), "duration", 5.0,
-            "On graceful shutdown, tell clients to retry within this window (a Restarting "
-            "frame); 0 sends none.",
-            check=_non_negative, extension=True),
+    Setting(
+        "stun-strict",
+        ("STUN_STRICT",),
+        "bool",
+        False,
+        "Answer only Tailscale-shaped STUN binding requests, as derper does (default: "
+        "answer any well-formed binding request).",
+        extension=True,
+    ),
+    Setting(
+        "allowed-keys-file",
+        ("ALLOWED_KEYS_FILE",),
+        "string",
+        "",
+        "File of nodekey:<hex> lines admitted without tailscaled; reloaded when it changes.",
+        extension=True,
+    ),
+    Setting(
+        "restart-notice",
+        ("RESTART_NOTICE",),
+        "duration",
+        5.0,
+        "On graceful shutdown, tell clients to retry within this window (a Restarting "
+        "frame); 0 sends none.",
+        check=_non_negative,
+        extension=True,
+    ),
 )
 
 BY_FLAG: dict[str, Setting] = {s.flag: s for s in SETTINGS}
@@ -465,7 +635,12 @@ class ServeConfig:
                 continue
             parts = entry.split("/")
             if len(parts) > 2:
-                raise ConfigError(_too_many_components(entry, self.origins), 1, flag="mesh-with")
+                raise ConfigError(
+                    _too_many_components(entry, self.origins),
+                    1,
+                    flag="mesh-with",
+                    env=_env_of(self.origins, "mesh_with"),
+                )
             out.append((parts[0], parts[1] or None) if len(parts) == 2 else (parts[0], None))
         return out
 
@@ -497,8 +672,8 @@ def _resolve_port(port: str) -> int:
 
 def _too_many_components(entry: str, origins: Mapping[str, str]) -> str:
     return (
-        f"derpkit: invalid -mesh-with: too many components in host tuple {_go_quote(entry)} "
-        f"(use host or host/dialhost){_origin_suffix('mesh_with', origins)}"
+        f"derpkit: too many components in host tuple {_go_quote(entry)} "
+        f"(use host or host/dialhost){_origin_suffix(origins, 'mesh_with')}"
     )
 
 
@@ -528,7 +703,9 @@ def _parse_argv(
         if setting is None:
             if name in ("h", "help"):
                 raise HelpRequested(usage(environ))
-            raise ConfigError(f"flag provided but not defined: -{name}", usage=usage(environ), flag=name)
+            raise ConfigError(
+                f"flag provided but not defined: -{name}", usage=usage(environ), flag=name
+            )
         if setting.kind == "bool":
             text = value if has_value else "true"
             try:
@@ -542,7 +719,9 @@ def _parse_argv(
             continue
         if not has_value:
             if not args:
-                raise ConfigError(f"flag needs an argument: -{name}", usage=usage(environ), flag=name)
+                raise ConfigError(
+                    f"flag needs an argument: -{name}", usage=usage(environ), flag=name
+                )
             value = args.pop(0)
         try:
             given[setting.attr] = setting.parse(value)
@@ -569,8 +748,13 @@ def _go_quote(s: str) -> str:
             out.append("\\r")
         elif not ch.isprintable():
             code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000
-                       else f"\\U{code:08x}")
+            out.append(
+                f"\\x{code:02x}"
+                if code < 0x80
+                else f"\\u{code:04x}"
+                if code < 0x10000
+                else f"\\U{code:08x}"
+            )
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
@@ -612,9 +796,7 @@ def _apply_env(
         origins[setting.attr] = f"env {name}"
         notes.append(f"env {name}={_shown(setting, text)} -> -{setting.flag}")
         for other in present[1:]:
-            notes.append(
-                f"env {other}={_shown(setting, environ[other])} ignored: {name} is set"
-            )
+            notes.append(f"env {other}={_shown(setting, environ[other])} ignored: {name} is set")
     return notes
 
 
@@ -623,10 +805,23 @@ def _shown(setting: Setting, text: str) -> str:
     return "<redacted>" if setting.secret and text else text
 
 
-def _origin_suffix(attr: str, origins: Mapping[str, str]) -> str:
-    """`` (from env ADDR)`` when the offending value came from the environment."""
+def _origin_suffix(origins: Mapping[str, str], *attrs: str) -> str:
+    """`` (-a from env ADDR)``: names each setting involved and, if so, the variable that set it.
+
+    Start-up refusals must point at what to change; in Docker that is usually a variable.
+    """
+    parts = []
+    for attr in attrs:
+        origin = origins.get(attr, "")
+        flag = "-" + BY_ATTR[attr].flag
+        parts.append(f"{flag} from {origin}" if origin.startswith("env ") else flag)
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _env_of(origins: Mapping[str, str], attr: str) -> str | None:
+    """The variable that set ``attr``, if one did."""
     origin = origins.get(attr, "")
-    return f" (from {origin})" if origin.startswith("env ") else ""
+    return origin[4:] if origin.startswith("env ") else None
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -647,33 +842,40 @@ def cert_refusal(cfg: ServeConfig) -> str | None:
     ``can not start cert provider:`` prefix) or None. The EAB key's base64 form is left to
     the cert module, which decodes it anyway.
     """
+    found = _cert_refusal(cfg)
+    return found[0] if found else None
+
+
+def _cert_refusal(cfg: ServeConfig) -> tuple[str, tuple[str, ...]] | None:
+    """:func:`cert_refusal` plus the attributes at fault, for the error's origin suffix."""
     if not cfg.certdir:
-        return "missing required --certdir flag"
+        return "missing required --certdir flag", ("certdir",)
     mode = cfg.certmode
     if mode not in CERT_MODES:
-        return f"unsupport cert mode: {_go_quote(mode)}"
+        return f"unsupport cert mode: {_go_quote(mode)}", ("certmode",)
     if cfg.acme_ip_certs and mode != "letsencrypt":
-        return "--acme-ip-certs requires --certmode=letsencrypt"
+        return "--acme-ip-certs requires --certmode=letsencrypt", ("acme_ip_certs", "certmode")
     ip_host = _is_ip(cfg.hostname)
     if mode == "gcp":
         if ip_host:
-            return "--certmode=gcp requires --hostname to be a DNS name, not an IP address"
+            return (
+                "--certmode=gcp requires --hostname to be a DNS name, not an IP address",
+                ("certmode", "hostname"),
+            )
         if not cfg.acme_eab_kid or not cfg.acme_eab_key:
-            return "--certmode=gcp requires --acme-eab-kid and --acme-eab-key flags"
+            return (
+                "--certmode=gcp requires --acme-eab-kid and --acme-eab-key flags",
+                ("certmode", "acme_eab_kid", "acme_eab_key"),
+            )
         if not cfg.acme_email:
-            return "--certmode=gcp requires --acme-email flag"
+            return "--certmode=gcp requires --acme-email flag", ("certmode", "acme_email")
     if mode == "letsencrypt" and ip_host and not cfg.acme_ip_certs:
         return (
             "--hostname is an IP address; use --certmode=manual for a self-signed cert, or "
-            "set --acme-ip-certs to get LetsEncrypt IP address certs"
+            "set --acme-ip-certs to get LetsEncrypt IP address certs",
+            ("hostname", "certmode"),
         )
     return None
-
-
-_CERT_REFUSAL_SETTING = {
-    "missing required --certdir flag": "certdir",
-    "unsupport cert mode": "certmode",
-}
 
 
 def validate_config(cfg: ServeConfig) -> list[str]:
@@ -691,9 +893,10 @@ def validate_config(cfg: ServeConfig) -> list[str]:
         _resolve_port(split_host_port(cfg.addr)[1])
     except GoValueError as e:
         raise ConfigError(
-            f"derpkit: invalid server address: {e.reason}{_origin_suffix('addr', cfg.origins)}",
+            f"derpkit: invalid server address: {e.reason}{_origin_suffix(cfg.origins, 'addr')}",
             1,
             flag="a",
+            env=_env_of(cfg.origins, "addr"),
         ) from None
     mesh = cfg.mesh_with_list  # raises on host tuples with more than one "/"
     if cfg.mesh_with and len(mesh) != len(cfg.mesh_with.split(",")):
@@ -701,20 +904,22 @@ def validate_config(cfg: ServeConfig) -> list[str]:
     home = cfg.home
     if home not in ("", "blank") and not home.lower().startswith(("http://", "https://")):
         raise ConfigError(
-            f"derpkit: unknown --home value {_go_quote(home)} (use \"\", blank or an "
-            f"http(s):// URL){_origin_suffix('home', cfg.origins)}",
+            f'derpkit: unknown --home value {_go_quote(home)} (use "", blank or an '
+            f"http(s):// URL){_origin_suffix(cfg.origins, 'home')}",
             1,
             flag="home",
+            env=_env_of(cfg.origins, "home"),
         )
     if cfg.tls_enabled:
-        reason = cert_refusal(cfg)
-        if reason:
-            attr = next((a for k, a in _CERT_REFUSAL_SETTING.items() if reason.startswith(k)), "")
+        found = _cert_refusal(cfg)
+        if found:
+            reason, attrs = found
             raise ConfigError(
                 f"derpkit: can not start cert provider: {reason}"
-                f"{_origin_suffix(attr, cfg.origins)}",
+                f"{_origin_suffix(cfg.origins, *attrs)}",
                 1,
-                flag=attr or None,
+                flag=BY_ATTR[attrs[0]].flag,
+                env=_env_of(cfg.origins, attrs[0]),
             )
     else:
         # derper never builds a cert provider in plain mode, so these go unchecked there
@@ -777,7 +982,9 @@ def usage(environ: Mapping[str, str] | None = None) -> str:
         head = f"  -{s.flag}"
         if s.kind != "bool":
             head += " " + s.kind
-        lines.append(head + ("\t" if len(head) <= 4 else "\n    \t") + s.help.replace("\n", "\n    \t"))
+        lines.append(
+            head + ("\t" if len(head) <= 4 else "\n    \t") + s.help.replace("\n", "\n    \t")
+        )
         default = s.default_value(env, os.path.exists)
         extra = []
         if not _is_zero(default):
@@ -798,7 +1005,8 @@ def _md_default(s: Setting) -> str:
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Escape what would break a table cell or be read as an HTML tag."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def flags_markdown() -> str:
@@ -853,6 +1061,8 @@ def flags_markdown() -> str:
     ]
     for s in SETTINGS:
         envs = ", ".join(f"`{e}`" for e in s.envs)
+        if s.envs[0] in _SEEDLESS_ENVS:
+            envs += " (derpkit name)"
         if s.aliases:
             envs += " (alias " + ", ".join(f"`{a}`" for a in s.aliases) + ")"
         desc = s.help
@@ -886,8 +1096,15 @@ def flags_markdown() -> str:
 
 
 _SEEDLESS_ENVS = (
-    "ACME_EAB_KID", "ACME_EAB_KEY", "ACME_EMAIL", "ACME_IP_CERTS", "RATE_CONFIG", "ACE",
-    "STUN_STRICT", "ALLOWED_KEYS_FILE", "RESTART_NOTICE",
+    "ACME_EAB_KID",
+    "ACME_EAB_KEY",
+    "ACME_EMAIL",
+    "ACME_IP_CERTS",
+    "RATE_CONFIG",
+    "ACE",
+    "STUN_STRICT",
+    "ALLOWED_KEYS_FILE",
+    "RESTART_NOTICE",
 )
 
 

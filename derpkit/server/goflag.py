@@ -135,9 +135,7 @@ def parse_int(s: str, bits: int = 64) -> int:
 _DEC = r"[0-9](?:_?[0-9])*"
 _HEX = r"[0-9a-fA-F](?:_?[0-9a-fA-F])*"
 _DEC_FLOAT = re.compile(rf"[+-]?(?:{_DEC}(?:\.(?:{_DEC})?)?|\.{_DEC})(?:[eE][+-]?{_DEC})?")
-_HEX_FLOAT = re.compile(
-    rf"([+-]?)0[xX]_?((?:{_HEX}(?:\.(?:{_HEX})?)?|\.{_HEX}))[pP]([+-]?{_DEC})"
-)
+_HEX_FLOAT = re.compile(rf"([+-]?)0[xX]_?((?:{_HEX}(?:\.(?:{_HEX})?)?|\.{_HEX}))[pP]([+-]?{_DEC})")
 _SPECIAL = re.compile(r"([+-]?)(inf|infinity)|nan", re.IGNORECASE)
 
 
@@ -243,11 +241,13 @@ def parse_duration(s: str) -> int:
         s = s[i:]
         if not unit_name:
             raise GoValueError(
-                f"missing unit in duration {orig!r} (use ns, us, ms, s, m or h; only 0 may omit it)"
+                f'missing unit in duration "{orig}" (use ns, us, ms, s, m or h; only 0 may omit it)'
             )
         unit = _UNITS.get(unit_name)
         if unit is None:
-            raise GoValueError(f"unknown unit {unit_name!r} in duration (use ns, us, ms, s, m or h)")
+            raise GoValueError(
+                f'unknown unit "{unit_name}" in duration (use ns, us, ms, s, m or h)'
+            )
         whole = int(whole_digits) if whole_digits else 0
         if whole > (1 << 63) // unit:
             raise GoValueError("duration out of range")
