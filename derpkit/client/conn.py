@@ -661,7 +661,7 @@ class DerpClient:
             fut = self._pings.pop(f.data, None)
             if fut is not None:
                 if not fut.done():
-                    fut.set_result(self._loop.time())
+                    fut.set_result(time.perf_counter())
                 return
         elif isinstance(f, Ping) and self._can_ack_pings:
             with contextlib.suppress(DerpConnectionError):
@@ -926,7 +926,8 @@ class DerpClient:
         fut: asyncio.Future[float] = self._loop.create_future()
         self._pings[data] = fut
         try:
-            start = self._loop.time()
+            # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
+            start = time.perf_counter()
             await self.send_ping(data)
             self._flush()
             async with asyncio.timeout(timeout):

@@ -381,3 +381,23 @@ async def test_reconnect_after_server_restart(derper_own) -> None:
             await peer.close()
     finally:
         await rc.close()
+
+
+def test_under_uvloop(derper) -> None:
+    """The server and benchmarks run on uvloop; its transports must behave the same."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> float:
+        a = await DerpClient.connect(derper.url)
+        b = await DerpClient.connect(derper.url)
+        try:
+            await a.send(b.public_key, b"uv")
+            f = await recv_kind(b, RecvPacket)
+            assert f.src == a.public_key.raw and f.data == b"uv"
+            return await a.ping()
+        finally:
+            await a.close()
+            await b.close()
+
+    rtt = uvloop.run(main())
+    assert 0 < rtt < 2  # a zero would mean a millisecond-resolution clock was used
