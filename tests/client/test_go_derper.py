@@ -401,3 +401,30 @@ def test_under_uvloop(derper) -> None:
 
     rtt = uvloop.run(main())
     assert 0 < rtt < 2  # a zero would mean a millisecond-resolution clock was used
+
+
+async def test_go_websocket_read_limit_is_32k(derper) -> None:
+    """Why the client splits writes: Go closes with 1009 on a 32 769-byte message."""
+    import aiohttp
+
+    from derpkit.protocol import handshake
+    from derpkit.protocol.frames import FrameReader, decode_server_key, encode_send_packet
+
+    async with aiohttp.ClientSession() as s:
+        for size, closes in ((32768, False), (32769, True)):
+            ws = await s.ws_connect(derper.url, protocols=("derp",))
+            try:
+                first = await ws.receive(timeout=3)
+                sk = NodePublic(decode_server_key(*FrameReader().feed(first.data)[0]).key)
+                k = NodePrivate.generate()
+                info = handshake.ClientInfo(can_ack_pings=True)
+                await ws.send_bytes(handshake.client_info_frame(k, sk, info))
+                await ws.receive(timeout=3)  # ServerInfo
+                await ws.send_bytes(encode_send_packet(k.public().raw, bytes(size - 37)))
+                msg = await ws.receive(timeout=3)
+                if closes:
+                    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009
+                else:
+                    assert msg.type == aiohttp.WSMsgType.BINARY  # our packet, echoed
+            finally:
+                await ws.close()
