@@ -1,0 +1,213 @@
+"""``derpkit serve``: derper's start-up sequence around a ``DerpNode``.
+
+The order follows derper (spec derper-cli §1.4): parse, ``-version``, signals, dev mode,
+address, STUN, server key, TLS or plain, rate config, mesh key, mesh links, routes, serve.
+Each refusal is one line naming the setting; exit codes match derper (2 for flag errors,
+1 for fatal start-up problems).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from derpkit import __version__
+from derpkit.protocol.keys import KeyError_, MeshKey, NodePrivate
+
+from . import keyfile
+from .config import ConfigError, ServeConfig, parse_config
+from .http import HttpOptions
+from .node import DerpNode, NodeOptions
+
+log = logging.getLogger("derpkit.serve")
+
+
+class StartupError(Exception):
+    """Fatal start-up problem: one line for the operator, exit status 1."""
+
+
+def load_mesh_key(cfg: ServeConfig) -> MeshKey | None:
+    """Where derper finds the mesh key: dev env var, setec, or the PSK file (first wins)."""
+    if cfg.dev:
+        text = os.environ.get("TAILSCALE_DERPER_MESH_KEY", "")
+        if not text:
+            log.info("No mesh key specified for dev via TAILSCALE_DERPER_MESH_KEY")
+            return None
+        log.info("Set mesh key from TAILSCALE_DERPER_MESH_KEY")
+        source = "TAILSCALE_DERPER_MESH_KEY"
+    elif cfg.secrets_url:
+        raise StartupError(
+            "derpkit: -secrets-url (env SECRETS_URL): fetching the mesh key from setec is not "
+            "supported; put the key in a file and use -mesh-psk-file (env MESH_PSKFILE)"
+        )
+    elif cfg.mesh_psk_file:
+        try:
+            with open(cfg.mesh_psk_file) as f:
+                text = f.read()
+        except OSError as e:
+            raise StartupError(f"derpkit: -mesh-psk-file {cfg.mesh_psk_file}: {e}") from None
+        source = cfg.mesh_psk_file
+    else:
+        return None
+    try:
+        return MeshKey.parse(text)
+    except KeyError_ as e:
+        raise StartupError(f"derpkit: {e} (from {source}): want 64 hexadecimal digits") from None
+
+
+def load_server_key(cfg: ServeConfig) -> NodePrivate:
+    if cfg.dev:
+        return NodePrivate.generate()
+    path = cfg.config_path
+    if not path:
+        path = keyfile.default_path() or ""
+        if not path:
+            raise StartupError("derper: -c <config path> not specified (env CONFIG_PATH)")
+        log.info("no config path specified; using %s", path)
+    try:
+        key, created = keyfile.load_or_create(path)
+    except keyfile.KeyFileError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        raise StartupError(f"derper: config: cannot create {path}: {e}") from None
+    if created:
+        log.info("derper: wrote new server key to %s", path)
+    return key
+
+
+def load_rate_config(path: str) -> tuple[int, int]:
+    """-rate-config JSON: PerClientRateLimitBytesPerSec / PerClientRateBurstBytes."""
+    with open(path) as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict):
+        raise ValueError("want a JSON object")
+    lower = {k.lower(): v for k, v in obj.items()}
+    rate = lower.get("perclientratelimitbytespersec", 0) or 0
+    burst = lower.get("perclientrateburstbytes", 0) or 0
+    for name, v in (("PerClientRateLimitBytesPerSec", rate), ("PerClientRateBurstBytes", burst)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: want a non-negative integer, got {v!r}")
+    return rate, burst
+
+
+def build_node(cfg: ServeConfig) -> DerpNode:
+    """Everything derper decides before listening, as a ``DerpNode``."""
+    key = load_server_key(cfg)
+    mesh_key = load_mesh_key(cfg)
+    mesh_with = cfg.mesh_with_list
+    if mesh_with and mesh_key is None:
+        raise StartupError("startMesh: --mesh-with requires --mesh-psk-file (env MESH_WITH, MESH_PSKFILE)")
+    log.info("DERP mesh key configured" if mesh_key else "No mesh key configured")
+    ssl_context = None
+    extra_metrics = []
+    if cfg.tls_enabled:
+        from .certs import build_cert_provider
+
+        provider = build_cert_provider(cfg)
+        ssl_context = provider.ssl_context(key.public())
+        extra_metrics.append(provider.metrics)
+    http = HttpOptions(hostname=cfg.hostname, derp_enabled=cfg.derp, home=cfg.home, dev=cfg.dev)
+    opts = NodeOptions(
+        host=cfg.listen_host,
+        port=cfg.listen_port,
+        ssl_context=ssl_context,
+        stun_port=cfg.stun_port if cfg.stun else None,
+        stun_strict=cfg.stun_strict,
+        private_key=key,
+        mesh_key=mesh_key,
+        mesh_with=mesh_with,
+        mesh_scheme="https" if cfg.tls_enabled else "http",
+        write_timeout=cfg.tcp_write_timeout,
+        restart_notice=cfg.restart_notice,
+        http=http,
+        extra_metrics=extra_metrics,
+    )
+    node = DerpNode(opts)
+    if cfg.rate_config:
+        try:
+            rate, burst = load_rate_config(cfg.rate_config)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"derper: loading rate config: {e}") from None
+        node.server.set_rate_limit(rate, burst)
+        log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
+    return node
+
+
+async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
+    node = build_node(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if cfg.rate_config:
+        def reload_rate() -> None:
+            log.info("derper: received SIGHUP, reloading rate config from %s", cfg.rate_config)
+            try:
+                rate, burst = load_rate_config(cfg.rate_config)
+            except (OSError, ValueError) as e:
+                log.warning("derper: rate config reload failed: %s", e)
+                return
+            node.server.set_rate_limit(rate, burst)
+            log.info("derper: rate config reloaded successfully")
+            log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_rate)
+    tls = " with TLS" if cfg.tls_enabled else ""
+    log.info("derper: serving on %s%s", cfg.addr, tls)
+    try:
+        await node.start()
+    except OSError as e:
+        raise StartupError(f"derper: {e}") from None
+    if node.stun is not None:
+        pass  # the STUN module logs its own listening line
+    log.info("derpkit: server public key %s; DERP on port %d", node.public_key, node.port)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("derpkit: shutting down; telling %d clients to reconnect", len(node.server.conns))
+    await node.stop(graceful=True)
+    return 0
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%Y/%m/%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        cfg, notes = parse_config(list(argv), os.environ)
+    except ConfigError as e:
+        sys.stderr.write(e.stderr_text())
+        return e.exit_code
+    if cfg.version:
+        print(__version__)
+        return 0
+    setup_logging()
+    for note in notes:
+        log.info("%s", note)
+    if cfg.dev:
+        log.info("Running in dev mode.")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        return runner(serve(cfg))
+    except StartupError as e:
+        log.error("%s", e)
+        return 1
+    except ConfigError as e:
+        sys.stderr.write(e.stderr_text())
+        return e.exit_code
