@@ -184,6 +184,10 @@ class ClientConn(asyncio.Protocol):
         try:
             frames = self.reader.feed(data)
         except ProtocolError as e:
+            # Frames that arrived before the bad header are acted on first, as Go does.
+            before = getattr(e, "frames", None)
+            if before and self.state == _RUNNING and self._early is None:
+                self._handle_frames(before)
             self._fail(e)
             return
         if not frames:

@@ -146,3 +146,16 @@ async def test_slow_reader_is_cut_off_alone() -> None:
         assert node.server.stats.conn_errors["write_timeout"] == 1
         assert node.server.gauges()["current_connections"] == 3
         w.close()
+
+
+async def test_frames_before_an_oversized_header_are_still_relayed() -> None:
+    async with running_node() as node:
+        b = await DerpClient.connect(node.url)
+        raw, key = await _handshaken_raw(node.port)
+        await asyncio.sleep(0.05)
+        # One write: a good packet, then a header claiming a too-large packet.
+        raw.send(F.SendPacket(b.public_key.raw, b"last words").encode() + F.header(FrameType.SEND_PACKET, 32 + 70000))
+        got = await recv_packet(b)
+        assert got.data == b"last words" and got.src == key.public().raw
+        assert await raw.closed_by_server()
+        assert node.server.stats.conn_errors["oversized_packet"] == 1
