@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from derpkit.server.goflag import parse_duration_seconds
 from derpkit.stun.codec import StunError, build_request, new_txid, parse_response
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_TIMEOUT", "Reply", "main", "parse_go_duration", "query"]
@@ -42,49 +43,13 @@ class UsageError(Exception):
 
 # --- Go syntax -----------------------------------------------------------------------------
 
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # U+00B5 micro sign
-    "μs": 1e-6,  # U+03BC Greek mu
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"(\d*)(?:\.(\d*))?([^\d.]*)")
-
-
 def parse_go_duration(s: str) -> float:
     """Go's ``time.ParseDuration`` in float seconds (``300ms``, ``1m30s``, ``.5s``, ``0``).
 
-    Scripts written for Go stunc pass Go durations; Python has no parser for them.
-    Raises :class:`ValueError` on anything Go rejects.
+    Scripts written for Go stunc pass Go durations; the parser is the one ``derpkit serve``
+    uses for its flags, so both tools accept exactly what Go accepts.
     """
-    orig = s
-    sign = 1.0
-    if s[:1] in ("+", "-"):
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        raise ValueError(f"time: invalid duration {orig!r}")
-    total = 0.0
-    while s:
-        m = _DURATION_PART.match(s)
-        assert m is not None  # the pattern can match the empty string
-        whole, frac, unit = m.group(1), m.group(2), m.group(3)
-        if not whole and not frac:
-            raise ValueError(f"time: invalid duration {orig!r}")
-        if not unit:
-            raise ValueError(f"time: missing unit in duration {orig!r}")
-        if unit not in _DURATION_UNITS:
-            # The unit runs until the next digit or dot.
-            raise ValueError(f"time: unknown unit {unit!r} in duration {orig!r}")
-        total += float(f"{whole or '0'}.{frac or '0'}") * _DURATION_UNITS[unit]
-        s = s[m.end() :]
-    return sign * total
+    return parse_duration_seconds(s)
 
 
 def format_go_duration(seconds: float) -> str:
