@@ -47,15 +47,15 @@ _CERTNAME_RE = re.compile(r'"CertName":"(sha256-raw:[0-9a-f]{64})"')
 _START_TIMEOUT = 15.0
 
 
-def find_derper() -> str | None:
-    """Path of the derper binary: $DERPER, PATH, then $(go env GOPATH)/bin, ~/go/bin."""
-    env = os.environ.get("DERPER")
+def find_go_tool(name: str) -> str | None:
+    """Path of a Go program (derper, derpprobe, stunc): $<NAME>, PATH, then GOPATH/bin."""
+    env = os.environ.get(name.upper())
     if env and os.access(env, os.X_OK):
         return env
-    found = shutil.which("derper")
+    found = shutil.which(name)
     if found:
         return found
-    candidates = [Path.home() / "go" / "bin" / "derper", Path("/root/go/bin/derper")]
+    candidates = [Path.home() / "go" / "bin" / name, Path("/root/go/bin") / name]
     go = shutil.which("go")
     if go:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -64,11 +64,31 @@ def find_derper() -> str | None:
             ).stdout.strip()
             for p in gopath.split(os.pathsep):
                 if p:
-                    candidates.insert(0, Path(p) / "bin" / "derper")
+                    candidates.insert(0, Path(p) / "bin" / name)
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
     return None
+
+
+def find_derper() -> str | None:
+    """Path of the derper binary: $DERPER, PATH, then $(go env GOPATH)/bin, ~/go/bin."""
+    return find_go_tool("derper")
+
+
+def require_go_tool(name: str) -> str:
+    """The path of a Go program, or skip (fail under DERPKIT_REQUIRE_GO_PEERS=1) the test."""
+    path = find_go_tool(name)
+    if path is None:
+        msg = (
+            f"Go {name} NOT INSTALLED: interop tests against Tailscale's own {name} are not "
+            "running. Install with `bash scripts/install-go-peers.sh` "
+            f"or set {name.upper()}=/path/to/{name}."
+        )
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
+        pytest.skip(msg)
+    return path
 
 
 def require_derper() -> str:
@@ -106,6 +126,14 @@ class GoDerper:
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     cert_name: str | None = None
+    #: TLS hostname other than 127.0.0.1: derper then loads ``<certdir>/<hostname>.crt``
+    #: and ``.key`` (``-certmode manual``) instead of making a self-signed IP certificate.
+    hostname: str | None = None
+    certdir: Path | None = None
+    #: ``-a`` host; "" listens on every address (dual-stack), for the STUN 4-in-6 record.
+    listen_host: str = "127.0.0.1"
+    #: Extra environment for the derper process (e.g. ``SSL_CERT_FILE``).
+    env: dict[str, str] | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,12 +144,16 @@ class GoDerper:
         return self.workdir / "derper.key"
 
     @property
+    def url_host(self) -> str:
+        return self.hostname or "127.0.0.1"
+
+    @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/derp"
+        return f"{'https' if self.tls else 'http'}://{self.url_host}:{self.port}/derp"
 
     @property
     def base_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.url_host}:{self.port}"
 
     @property
     def mesh_key(self) -> Any:
@@ -150,7 +182,7 @@ class GoDerper:
         a = [
             self.binary,
             "-a",
-            f"127.0.0.1:{self.port}",
+            f"{self.listen_host}:{self.port}",
             "-c",
             str(self.key_file),
             "-stun-port",
@@ -159,7 +191,11 @@ class GoDerper:
             "-1",
         ]
         if self.tls:
-            a += ["-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(self.workdir)]
+            a += [
+                "-certmode", "manual",
+                "-hostname", self.url_host,
+                "-certdir", str(self.certdir or self.workdir),
+            ]
         else:
             a += ["-certmode", "letsencrypt", "-certdir", str(self.workdir / "acme")]
         mesh_file = self.workdir / "mesh.key"
@@ -181,6 +217,7 @@ class GoDerper:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         finally:
             log.close()
@@ -212,7 +249,7 @@ class GoDerper:
                     f"derper did not answer /derp/probe within {_START_TIMEOUT} s:\n{self.log()[-3000:]}"
                 )
             time.sleep(0.05)
-        if self.tls:
+        if self.tls and self.hostname is None:
             while True:
                 m = _CERTNAME_RE.search(self.log())
                 if m:
@@ -246,15 +283,24 @@ def start_derper(
     tls: bool = False,
     mesh_key_hex: str | None = None,
     extra_args: tuple[str, ...] = (),
+    hostname: str | None = None,
+    certdir: Path | None = None,
+    listen_host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
 ) -> GoDerper:
-    """Start derper on free loopback ports; retries with new ports if one was taken."""
+    """Start derper on free loopback ports; retries with new ports if one was taken.
+
+    ``hostname``/``certdir`` (with ``tls=True``) serve a CA-signed ``<hostname>.crt``
+    from ``certdir``; ``env`` adds environment variables such as ``SSL_CERT_FILE``.
+    """
     binary = require_derper()
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="goderper-"))
     wd.mkdir(parents=True, exist_ok=True)
     last: Exception | None = None
     for _ in range(3):
         d = GoDerper(
-            binary, wd, tls, free_port(), free_port(socket.SOCK_DGRAM), mesh_key_hex, extra_args
+            binary, wd, tls, free_port(), free_port(socket.SOCK_DGRAM), mesh_key_hex, extra_args,
+            hostname=hostname, certdir=certdir, listen_host=listen_host, env=env,
         )
         try:
             return d.start()
