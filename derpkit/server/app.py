@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from derpkit import __version__
 from derpkit.protocol.keys import KeyError_, MeshKey, NodePrivate
 
-from . import keyfile
+from . import keyfile, limits, verify
+from .bootstrap_dns import BootstrapDNS
 from .config import ConfigError, ServeConfig, parse_config
 from .http import HttpOptions
 from .node import DerpNode, NodeOptions
@@ -111,7 +112,19 @@ def build_node(cfg: ServeConfig) -> DerpNode:
         provider = build_cert_provider(cfg)
         ssl_context = provider.ssl_context(key.public())
         extra_metrics.append(provider.metrics)
-    http = HttpOptions(hostname=cfg.hostname, derp_enabled=cfg.derp, home=cfg.home, dev=cfg.dev)
+    controls = limits.controls_for(cfg)
+    if controls.limiter is not None:
+        extra_metrics.append(controls.limiter.families)
+    try:
+        admission = verify.build_admission(cfg)
+    except ValueError as e:
+        raise StartupError(f"derpkit: {e} (env ALLOWED_KEYS_FILE)") from None
+    dns = BootstrapDNS(cfg.bootstrap_dns_names, cfg.unpublished_bootstrap_dns_names)
+    extra_metrics += [dns.families, admission.families]
+    http = HttpOptions(
+        hostname=cfg.hostname, derp_enabled=cfg.derp, home=cfg.home, dev=cfg.dev,
+        bootstrap_dns=dns.handle, consistency_check=admission.self_check_list,
+    )
     opts = NodeOptions(
         host=cfg.listen_host,
         port=cfg.listen_port,
@@ -126,6 +139,9 @@ def build_node(cfg: ServeConfig) -> DerpNode:
         restart_notice=cfg.restart_notice,
         http=http,
         extra_metrics=extra_metrics,
+        on_connect=controls.on_connect,
+        admit=admission if admission.active else None,
+        services=[dns, admission],
     )
     node = DerpNode(opts)
     if cfg.rate_config:

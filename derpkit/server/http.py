@@ -9,12 +9,14 @@ home page, for any method. DERP upgrades never reach this module (see frontdoor.
 from __future__ import annotations
 
 import html
+import inspect
 import ipaddress
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -64,7 +66,8 @@ class HttpOptions:
     metrics_sources: list[Callable[[], Iterable[metrics.Family]]] = field(default_factory=list)
     debug_info: Callable[[], dict[str, str]] | None = None
     bootstrap_dns: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
-    consistency_check: Callable[[], list[str]] | None = None
+    #: Extra /debug/check problems; may be a coroutine function.
+    consistency_check: Callable[[], Any] | None = None
 
 
 def debug_allowed(request: web.Request) -> bool:
@@ -172,7 +175,8 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
         if opts.bootstrap_dns is not None:
             resp = await opts.bootstrap_dns(request)
         else:
-            resp = web.json_response({}, headers={"Content-Type": "application/json"})
+            # derper with no names configured: 200, an empty JSON body.
+            resp = web.Response(body=b"", headers={"Content-Type": "application/json", "Connection": "close"})
         resp.headers.update(BROWSER_HEADERS)
         return resp
 
@@ -205,9 +209,14 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
         if sub == "vars":
             return web.json_response(vars_json(), headers=hdrs)
         if sub == "check":
-            problems = opts.consistency_check() if opts.consistency_check else []
+            problems = registry_problems(server)
+            if opts.consistency_check is not None:
+                more = opts.consistency_check()
+                if inspect.isawaitable(more):
+                    more = await more
+                problems += list(more)
             if problems:
-                return go_error(500, "\n".join(problems))
+                return go_error(500, ", ".join(problems))
             return web.Response(text="derp.Server ConsistencyCheck okay", content_type="text/plain", headers=hdrs)
         if sub == "gc":
             import gc
@@ -267,6 +276,18 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", home)
     app[ALL_FAMILIES] = all_families
     return app
+
+
+def registry_problems(server: DerpServer) -> list[str]:
+    """/debug/check: the client map and the connections agree (derper's ConsistencyCheck)."""
+    problems = []
+    empty = sum(1 for cs in server.clients.values() if not cs.conns)
+    if empty:
+        problems.append(f"{empty} s.clients keys with no connection")
+    missing = sum(1 for cs in server.clients.values() for c in cs.conns if c not in server.conns)
+    if missing:
+        problems.append(f"{missing} s.clients connections not in the connection set")
+    return problems
 
 
 async def debug_redirect(request: web.Request) -> web.Response:

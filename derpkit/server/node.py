@@ -50,6 +50,9 @@ class NodeOptions:
     on_connect: Callable[[Any], bool] | None = None
     #: Metric sources beyond the DERP core (accept limiter, cert expiry...).
     extra_metrics: list[Callable[[], Iterable[metrics.Family]]] = field(default_factory=list)
+    #: Objects with ``async start()`` / ``async stop()`` that live as long as the node
+    #: (bootstrap-DNS refresh, admission HTTP sessions...).
+    services: list[Any] = field(default_factory=list)
 
 
 class DerpNode:
@@ -116,13 +119,26 @@ class DerpNode:
         assert factory is not None
         loop = asyncio.get_running_loop()
 
-        def door() -> FrontDoor:
-            return FrontDoor(self.server, factory, derp_enabled=http_opts.derp_enabled, on_connect=o.on_connect)
+        # With TLS, on_connect (socket options, accept limiter) runs on the raw TCP
+        # connection before the handshake, as derper's limiter does; see limits.py.
+        gate_tls = o.ssl_context is not None and o.on_connect is not None
+        door_hook = None if gate_tls else o.on_connect
 
+        def door() -> FrontDoor:
+            return FrontDoor(self.server, factory, derp_enabled=http_opts.derp_enabled, on_connect=door_hook)
+
+        listen_factory: Any = door
+        listen_ssl = o.ssl_context
+        if gate_tls:
+            from .limits import pre_tls_factory
+
+            assert o.ssl_context is not None and o.on_connect is not None
+            listen_factory = pre_tls_factory(door, o.ssl_context, o.on_connect)
+            listen_ssl = None
         host: str | None = o.host or None
         self.listener = await loop.create_server(
-            door, host, o.port, ssl=o.ssl_context, reuse_address=True, backlog=4096,
-            ssl_handshake_timeout=30.0 if o.ssl_context else None,
+            listen_factory, host, o.port, ssl=listen_ssl, reuse_address=True, backlog=4096,
+            ssl_handshake_timeout=30.0 if listen_ssl else None,
         )
         socks = self.listener.sockets
         self.port = socks[0].getsockname()[1]
@@ -136,6 +152,8 @@ class DerpNode:
             except OSError as e:
                 # derper goes on without STUN when its port is taken; we say so loudly.
                 log.warning("STUN: cannot listen on %s:%s: %s; continuing without STUN", o.host, o.stun_port, e)
+        for svc in o.services:
+            await svc.start()
         if o.mesh_with:
             from .mesh import MeshLink
 
@@ -158,6 +176,8 @@ class DerpNode:
         if self.stun is not None:
             self.stun.close()
             self.stun = None
+        for svc in self.opts.services:
+            await svc.stop()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
