@@ -245,23 +245,19 @@ class BlockingDerpClient:
                     raise DerpLoadError(f"{self.url}: {e}") from e
 
     def ping(self, timeout: float = 5.0) -> float:
-        """Round-trip time (seconds) of a Ping; frames read meanwhile stay queued."""
+        """Round-trip time (seconds) of a Ping.
+
+        Frames other than our Pong that arrive meanwhile are discarded: use this on
+        connections nobody else reads (Pinger, Idler), not on a packet receiver.
+        """
         data = os.urandom(PING_DATA_LEN)
-        held: list[Frame] = []
         start = time.perf_counter()
         self.send_ping(data)
         deadline = time.monotonic() + timeout
-        try:
-            while True:
-                f = self.recv(max(0.0, deadline - time.monotonic()))
-                if isinstance(f, Pong) and f.data == data:
-                    return time.perf_counter() - start
-                if not isinstance(f, Pong):
-                    held.append(f)
-        finally:
-            # Put back what we read past, as raw frames, ahead of anything newer.
-            for f in reversed(held):
-                self._frames.appendleft((_frame_type(f), _frame_payload(f)))
+        while True:
+            f = self.recv(max(0.0, deadline - time.monotonic()))
+            if isinstance(f, Pong) and f.data == data:
+                return time.perf_counter() - start
 
     def close(self) -> None:
         self.closed = True
@@ -270,11 +266,3 @@ class BlockingDerpClient:
         except OSError:
             pass
 
-
-def _frame_type(f: Frame) -> int:
-    raw = f.encode()
-    return raw[0]
-
-
-def _frame_payload(f: Frame) -> bytes:
-    return f.encode()[5:]
