@@ -106,10 +106,16 @@ def build_node(cfg: ServeConfig) -> DerpNode:
     log.info("DERP mesh key configured" if mesh_key else "No mesh key configured")
     ssl_context = None
     extra_metrics = []
+    provider = None
     if cfg.tls_enabled:
-        from .certs import build_cert_provider
+        from .certs import CertProviderError, build_cert_provider
 
-        provider = build_cert_provider(cfg)
+        # derper logs this line before it builds the provider, so a refusal follows it.
+        log.info("derper: serving on %s with TLS", cfg.addr)
+        try:
+            provider = build_cert_provider(cfg)
+        except CertProviderError as e:
+            raise StartupError(f"derper: can not start cert provider: {e}") from None
         ssl_context = provider.ssl_context(key.public())
         extra_metrics.append(provider.metrics)
     controls = limits.controls_for(cfg)
@@ -141,9 +147,12 @@ def build_node(cfg: ServeConfig) -> DerpNode:
         extra_metrics=extra_metrics,
         on_connect=controls.on_connect,
         admit=admission if admission.active else None,
-        services=[dns, admission],
+        services=[dns, admission] + ([provider] if provider is not None else []),
+        http_port=cfg.http_port if provider is not None and cfg.http_port_enabled else None,
+        acme_http01=provider.acme_http01 if provider is not None else None,
     )
     node = DerpNode(opts)
+    node.cert_provider = provider  # type: ignore[attr-defined]  # SIGHUP reloads it
     if cfg.rate_config:
         try:
             rate, burst = load_rate_config(cfg.rate_config)
@@ -172,16 +181,28 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
             log.info("derper: rate config reloaded successfully")
             log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
 
-        loop.add_signal_handler(signal.SIGHUP, reload_rate)
-    tls = " with TLS" if cfg.tls_enabled else ""
-    log.info("derper: serving on %s%s", cfg.addr, tls)
+    provider = getattr(node, "cert_provider", None)
+
+    def on_sighup() -> None:
+        # One handler for everything SIGHUP reloads: -rate-config and the certificate.
+        if cfg.rate_config:
+            reload_rate()
+        if provider is not None:
+            log.info("derpkit: received SIGHUP, checking the certificate files")
+            provider.reload()
+
+    if cfg.rate_config or provider is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if not cfg.tls_enabled:
+        log.info("derper: serving on %s", cfg.addr)
     try:
         await node.start()
     except OSError as e:
         raise StartupError(f"derper: {e}") from None
     if node.stun is not None:
         pass  # the STUN module logs its own listening line
-    log.info("derpkit: server public key %s; DERP on port %d", node.public_key, node.port)
+    extra = f"; plain HTTP (-http-port) on port {node.http_port}" if node.http_port is not None else ""
+    log.info("derpkit: server public key %s; DERP on port %d%s", node.public_key, node.port, extra)
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -53,6 +53,10 @@ class NodeOptions:
     #: Objects with ``async start()`` / ``async stop()`` that live as long as the node
     #: (bootstrap-DNS refresh, admission HTTP sessions...).
     services: list[Any] = field(default_factory=list)
+    #: TLS mode's plain-HTTP side listener (-http-port) on ``host``; None = none, 0 = ephemeral.
+    http_port: int | None = None
+    #: ACME HTTP-01 answers for that listener: (Host header, path) -> (status, body) or None.
+    acme_http01: Callable[[str, str], tuple[int, str] | None] | None = None
 
 
 class DerpNode:
@@ -77,6 +81,9 @@ class DerpNode:
         self.stun: Any = None
         self.mesh: list[Any] = []
         self.port = 0
+        self.port80: asyncio.AbstractServer | None = None
+        self.port80_runner: web.AppRunner | None = None
+        self.http_port: int | None = None  # bound port of the -http-port listener
 
     @property
     def public_key(self):  # noqa: ANN201 - NodePublic
@@ -144,6 +151,8 @@ class DerpNode:
         self.port = socks[0].getsockname()[1]
         for s in socks:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if o.http_port is not None:
+            await self._start_port80(app, host)
         if o.stun_port is not None:
             from .stun import start_stun_server
 
@@ -162,12 +171,32 @@ class DerpNode:
                 self.mesh.append(link)
                 link.start()
 
+    async def _start_port80(self, main_app: web.Application, host: str | None) -> None:
+        from .port80 import build_port80_app
+
+        assert self.opts.http_port is not None
+        self.port80_runner = web.AppRunner(
+            build_port80_app(main_app, self.opts.acme_http01), access_log=None, handle_signals=False
+        )
+        await self.port80_runner.setup()
+        assert self.port80_runner.server is not None
+        self.port80 = await asyncio.get_running_loop().create_server(
+            self.port80_runner.server, host, self.opts.http_port, reuse_address=True
+        )
+        self.http_port = self.port80.sockets[0].getsockname()[1]
+
     async def stop(self, *, graceful: bool = True) -> None:
         for link in self.mesh:
             await link.stop()
         self.mesh.clear()
         if self.listener is not None:
             self.listener.close()
+        if self.port80 is not None:
+            self.port80.close()
+            self.port80 = None
+        if self.port80_runner is not None:
+            await self.port80_runner.cleanup()
+            self.port80_runner = None
         if graceful:
             await self.server.shutdown()
         else:
