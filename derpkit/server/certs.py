@@ -339,7 +339,7 @@ class CertProvider:
             ctx = None
         if ctx is None:
             self.handshakes_refused += 1
-            return ssl.ALERTDESCRIPTION_INTERNAL_ERROR
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         sslobj.context = ctx
         return None
 
