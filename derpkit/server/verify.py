@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import yarl
 
 from derpkit.protocol.handshake import ClientInfo
 from derpkit.protocol.keys import KeyError_, NodePublic
@@ -97,7 +98,10 @@ class LocalTailscaled:
         """None if tailscaled knows the key, else derper's refusal text."""
         url = "http://local-tailscaled.sock/localapi/v0/whois?addr=" + urllib.parse.quote(str(key), safe="")
         try:
-            async with self._get_session().get(url, headers={"Tailscale-Cap": str(TAILSCALE_CAP)}) as r:
+            # encoded=True keeps Go's url.QueryEscape form (nodekey%3A...) on the wire.
+            async with self._get_session().get(
+                yarl.URL(url, encoded=True), headers={"Tailscale-Cap": str(TAILSCALE_CAP)}
+            ) as r:
                 body = await r.read()
                 if r.status == 404:
                     return f"peer {key} not authorized (not found in local tailscaled)"
