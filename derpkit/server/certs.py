@@ -911,8 +911,8 @@ def build_cert_provider(cfg: ServeConfig) -> CertProvider:
         ) from None
     return AcmeCertProvider(
         cfg,
-        directory_url=getattr(cfg, "acme_directory_url", ""),
-        renew_before=getattr(cfg, "acme_renew_before", 0.0),
+        directory_url=cfg.acme_directory_url,
+        renew_before=cfg.acme_renew_before,
         eab=eab,
     )
 

@@ -529,6 +529,25 @@ SETTINGS: tuple[Setting, ...] = (
         check=_non_negative,
         extension=True,
     ),
+    Setting(
+        "acme-directory-url",
+        ("ACME_DIRECTORY_URL",),
+        "string",
+        "",
+        "ACME directory for -certmode letsencrypt/gcp; empty means Let's Encrypt production "
+        "(letsencrypt) or Google's (gcp), as derper. For a staging or private CA.",
+        extension=True,
+    ),
+    Setting(
+        "acme-renew-before",
+        ("ACME_RENEW_BEFORE",),
+        "duration",
+        0.0,
+        "Renew an ACME certificate this long before it expires; 0 means derper's rule "
+        "(30 days, or a third of the lifetime if shorter, and a third for IP certificates).",
+        check=_non_negative,
+        extension=True,
+    ),
 )
 
 BY_FLAG: dict[str, Setting] = {s.flag: s for s in SETTINGS}
@@ -595,6 +614,8 @@ class ServeConfig:
     stun_strict: bool = _table_default("stun_strict")
     allowed_keys_file: str = _table_default("allowed_keys_file")
     restart_notice: float = _table_default("restart_notice")
+    acme_directory_url: str = _table_default("acme_directory_url")
+    acme_renew_before: float = _table_default("acme_renew_before")
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     # Derived views. They assume the config passed validate_config (parse_config does that).

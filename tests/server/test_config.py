@@ -90,6 +90,8 @@ EXTENSIONS: dict[str, tuple[str, Any]] = {
     "stun-strict": ("bool", False),
     "allowed-keys-file": ("string", ""),
     "restart-notice": ("duration", 5.0),
+    "acme-directory-url": ("string", ""),
+    "acme-renew-before": ("duration", 0.0),
 }
 
 
@@ -344,6 +346,8 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("STUN_STRICT", "stun-strict", "true", True),
     ("ALLOWED_KEYS_FILE", "allowed-keys-file", "/etc/derper/keys", "/etc/derper/keys"),
     ("RESTART_NOTICE", "restart-notice", "10s", 10.0),
+    ("ACME_DIRECTORY_URL", "acme-directory-url", "https://localhost:14000/dir", "https://localhost:14000/dir"),
+    ("ACME_RENEW_BEFORE", "acme-renew-before", "720h", 2592000.0),
     # community-image aliases
     ("DERP_DOMAIN", "hostname", "derp.example.org", "derp.example.org"),
     ("DERP_CERT_MODE", "certmode", "manual", "manual"),
@@ -532,6 +536,7 @@ BAD_ENV_CASES: list[tuple[str, str, str, int]] = [
     ("STUN_STRICT", "strict", "stun-strict", 2),
     ("RESTART_NOTICE", "-5s", "restart-notice", 2),
     ("RESTART_NOTICE", "5d", "restart-notice", 2),
+    ("ACME_RENEW_BEFORE", "-1h", "acme-renew-before", 2),
     ("DERP_DOMAIN", "192.0.2.1", "hostname", 1),
     ("DERP_CERT_MODE", "selfsigned", "certmode", 1),
     ("DERP_CERT_DIR", "", "certdir", 1),
