@@ -353,3 +353,76 @@ async def test_allowed_keys_skip_tailscaled_but_not_the_url(tmp_path) -> None:  
             assert await admitted(node.url, other)
             assert len(ts.requests) == 1
         await adm.stop()
+
+
+# ------------------------------------------------------------------------ real tailscaled
+
+def find_tailscaled() -> str | None:
+    import shutil
+    from pathlib import Path
+
+    for c in (os.environ.get("TAILSCALED", ""), shutil.which("tailscaled") or "",
+              str(Path.home() / "go" / "bin" / "tailscaled")):
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+@pytest.fixture
+def tailscaled(tmp_path):  # noqa: ANN001, ANN201
+    """A real, logged-out tailscaled (userspace networking, in-memory state)."""
+    import subprocess
+
+    binary = find_tailscaled()
+    if binary is None:
+        msg = "tailscaled NOT INSTALLED (go install tailscale.com/cmd/tailscaled@v1.102.3)"
+        if os.environ.get("DERPKIT_REQUIRE_GO_PEERS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    sock = str(tmp_path / "ts.sock")
+    with open(tmp_path / "log", "wb") as log:
+        p = subprocess.Popen(
+            [binary, "--tun=userspace-networking", "--state=mem:", f"--socket={sock}",
+             f"--statedir={tmp_path}", "--port=0"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert p.poll() is None, (tmp_path / "log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "tailscaled did not create its socket"
+            time.sleep(0.05)
+        yield sock
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+async def test_real_tailscaled_rejects_unknown_key_like_go_derper(tailscaled: str, caplog) -> None:  # noqa: ANN001
+    """A logged-out tailscaled knows no node: both derpkit and Go derper must refuse."""
+    import aiohttp
+
+    from derpkit.server.http import HttpOptions
+    from tests.goderper import start_derper
+
+    caplog.set_level(logging.INFO)
+    key = NodePrivate.generate()
+    adm = Admission(tailscaled=LocalTailscaled(tailscaled))
+    go = start_derper(extra_args=("-verify-clients", "-socket", tailscaled))
+    try:
+        async with running_node(admit=adm, http=HttpOptions(consistency_check=adm.self_check_list)) as node:
+            assert not await admitted(node.url, key)
+            assert f"peer {key.public()} not authorized (not found in local tailscaled)" in caplog.text
+            assert not await admitted(go.url, key)
+            # /debug/check asks about tailscaled's own (zero, logged-out) key on both.
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{node.port}/debug/check") as r:
+                    ours = (r.status, await r.text())
+                async with s.get(f"{go.base_url}/debug/check") as r:
+                    theirs = (r.status, await r.text())
+        assert ours == theirs, (ours, theirs)
+        assert ours[0] == 500 and "not found in local tailscaled" in ours[1]
+        assert f"client {key.public()} rejected" in go.log()
+    finally:
+        go.stop()
+        await adm.stop()
