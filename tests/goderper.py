@@ -45,10 +45,23 @@ import pytest
 REQUIRE_ENV = "DERPKIT_REQUIRE_GO_PEERS"
 _CERTNAME_RE = re.compile(r'"CertName":"(sha256-raw:[0-9a-f]{64})"')
 _START_TIMEOUT = 15.0
+#: Node ids of tests skipped for a missing Go program (read by tests/interop/conftest.py
+#: to print one summary line for the whole run).
+SKIPPED_FOR_MISSING_GO: list[str] = []
+
+
+def _skip_missing(msg: str) -> None:
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
+    current = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+    SKIPPED_FOR_MISSING_GO.append(current)
+    pytest.skip(msg)
 
 
 def find_go_tool(name: str) -> str | None:
     """Path of a Go program (derper, derpprobe, stunc): $<NAME>, PATH, then GOPATH/bin."""
+    if os.environ.get("DERPKIT_HIDE_GO_PEERS") == "1":
+        return None  # lets a test run see what a machine without Go sees
     env = os.environ.get(name.upper())
     if env and os.access(env, os.X_OK):
         return env
@@ -85,9 +98,7 @@ def require_go_tool(name: str) -> str:
             "running. Install with `bash scripts/install-go-peers.sh` "
             f"or set {name.upper()}=/path/to/{name}."
         )
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
-        pytest.skip(msg)
+        _skip_missing(msg)
     return path
 
 
@@ -100,9 +111,7 @@ def require_derper() -> str:
             "not running. Install with `go install tailscale.com/cmd/derper@latest` "
             "or set DERPER=/path/to/derper."
         )
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
-        pytest.skip(msg)
+        _skip_missing(msg)
     return path
 
 

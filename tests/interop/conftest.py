@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.goderper import REQUIRE_ENV, find_go_tool
+from tests.goderper import REQUIRE_ENV, SKIPPED_FOR_MISSING_GO, find_go_tool
 
 from .pki import Leaf, TestCA
 
 GO_TOOLS = ("derper", "derpprobe", "stunc")
-_skipped: list[tuple[str, str]] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -28,19 +27,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.interop)
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "NOT INSTALLED" in str(report.longrepr):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        _skipped.append((report.nodeid, reason))
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
-    if not _skipped:
+    # Every test of the session skipped for a missing Go program (here or in tests/client/),
+    # including those a module-scoped fixture skipped, plus any recorded by tests/goderper.py.
+    skipped = [r.nodeid for r in terminalreporter.stats.get("skipped", [])
+               if "NOT INSTALLED" in str(getattr(r, "longrepr", ""))]
+    skipped = list(dict.fromkeys(skipped + SKIPPED_FOR_MISSING_GO))
+    if not skipped:
         return
     missing = [t for t in GO_TOOLS if find_go_tool(t) is None]
-    names = ", ".join(sorted({nid.split("::")[-1] for nid, _ in _skipped}))
+    per_file: dict[str, int] = {}
+    for nid in skipped:
+        f = nid.split("::", 1)[0]
+        per_file[f] = per_file.get(f, 0) + 1
+    names = ", ".join(f"{f} ({n})" for f, n in sorted(per_file.items()))
     terminalreporter.write_line(
-        f"!!! GO INTEROP SKIPPED: {len(_skipped)} tests did not run because Tailscale's Go "
+        f"!!! GO INTEROP SKIPPED: {len(skipped)} tests did not run because Tailscale's Go "
         f"programs are missing ({', '.join(missing) or 'see reasons'}); run "
         f"`bash scripts/install-go-peers.sh` or set {REQUIRE_ENV}=1 to make this fail. "
         f"Skipped: {names}",
