@@ -9,6 +9,7 @@ USAGE = """usage: derpkit <command> [flags]
 commands:
   serve     run a DERP + STUN server (derper's flags and env vars)
   stunc     send one STUN binding request and print the mapped address
+  healthcheck  check the local serve over DERP and STUN (same flags/env as serve; exit 0 = healthy)
 """
 
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from derpkit.server.app import main as serve_main
 
         return serve_main(rest)
+    if cmd == "healthcheck":
+        from derpkit.healthcheck import main as healthcheck_main
+
+        return healthcheck_main(rest)
     if cmd == "stunc":
         from derpkit.stunc.cli import main as stunc_main
 

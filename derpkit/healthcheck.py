@@ -1,0 +1,232 @@
+"""``derpkit healthcheck``: is the LOCAL ``derpkit serve`` (or derper) relaying and answering STUN?
+
+It reads the same flags and environment variables as ``derpkit serve`` (so in the Docker
+image it needs no arguments), works out where the server listens, and checks:
+
+* **DERP**: connect to ``-a``'s port on loopback (TLS when serve would use TLS), upgrade,
+  read the server key, send ClientInfo. If the server admits the probe (no admission
+  control, or the mesh key from ``-mesh-psk-file`` is readable), it also pings the server.
+  A server that reads our ClientInfo and then refuses us (``-verify-clients``: the probe's
+  random key is not in the tailnet) is still a working DERP server, so that counts as
+  healthy.
+* **STUN**: one binding request to ``-stun-port`` on loopback; the answer must carry our
+  address. Skipped when ``-stun=false``.
+
+TLS: with an IP ``-hostname`` in manual mode the certificate is pinned to the ``CertName``
+of ``<certdir>/<ip>.crt`` (the file serve generated); otherwise the server name is sent as
+SNI and the chain is not verified (this checks liveness, not your PKI).
+
+Exit status 0 when every check passed, 1 otherwise, 2 for a bad flag. One line per check
+on stdout.
+
+Own options (before the serve flags): ``--timeout SECONDS`` (default 5), ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+
+from derpkit.server.certs import manual_paths, parse_ip
+from derpkit.server.config import ConfigError, ServeConfig, parse_config
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def target_host(cfg: ServeConfig) -> str:
+    """Where to reach the server from inside its own host/container."""
+    host = cfg.listen_host
+    if not host:
+        return "127.0.0.1"
+    ip = parse_ip(host)
+    if ip is not None and ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return host
+
+
+def derp_port(cfg: ServeConfig) -> int:
+    return 3340 if cfg.dev else cfg.listen_port
+
+
+def pin_for(cfg: ServeConfig) -> str | None:
+    """The CertName of the self-signed certificate serve uses, when there is one to pin."""
+    if cfg.certmode != "manual" or parse_ip(cfg.hostname) is None or not cfg.certdir:
+        return None
+    crt, _ = manual_paths(cfg.certdir, cfg.hostname)
+    try:
+        with open(crt) as f:
+            der = ssl.PEM_cert_to_DER_cert(f.read())
+    except (OSError, ValueError):
+        return None
+    return "sha256-raw:" + hashlib.sha256(der).hexdigest()
+
+
+def _mesh_key(cfg: ServeConfig):  # noqa: ANN202
+    from derpkit.protocol.keys import KeyError_, MeshKey
+
+    text = os.environ.get("TAILSCALE_DERPER_MESH_KEY", "") if cfg.dev else ""
+    if not text and cfg.mesh_psk_file:
+        try:
+            with open(cfg.mesh_psk_file) as f:
+                text = f.read()
+        except OSError:
+            return None
+    try:
+        return MeshKey.parse(text) if text.strip() else None
+    except KeyError_:
+        return None
+
+
+async def check_derp(cfg: ServeConfig, timeout: float) -> str:
+    from derpkit.client import DerpClient, DerpConnectionError
+
+    host, port = target_host(cfg), derp_port(cfg)
+    dial = f"[{host}]" if ":" in host else host
+    tls = cfg.tls_enabled
+    kwargs: dict = {}
+    if tls:
+        pin = pin_for(cfg)
+        if pin is not None:
+            url = f"https://{dial}:{port}/derp"
+            kwargs["cert_name"] = pin
+        else:
+            name = cfg.hostname if parse_ip(cfg.hostname) is None else dial
+            url = f"https://{name}:{port}/derp"
+            kwargs["insecure_tls"] = True
+            kwargs["dial_host"] = host
+    else:
+        url = f"http://{dial}:{port}/derp"
+    mesh_key = _mesh_key(cfg)
+    try:
+        client = await DerpClient.connect(
+            url, mesh_key=mesh_key, is_prober=True, timeout=timeout, wait_for_server_info=False,
+            **kwargs,
+        )
+    except DerpConnectionError as e:
+        raise CheckFailed(f"DERP {url}: {e}") from None
+    try:
+        try:
+            await client.wait_server_info(timeout)
+        except (DerpConnectionError, TimeoutError) as e:
+            if client.server_key is not None and not isinstance(e, TimeoutError):
+                return (
+                    f"DERP ok: {url} upgraded, server key {client.server_key}; the server then "
+                    "refused this probe's random key (admission control such as -verify-clients)"
+                )
+            raise CheckFailed(f"DERP {url}: no ServerInfo: {e or 'timeout'}") from None
+        try:
+            rtt = await client.ping(timeout)
+        except (DerpConnectionError, TimeoutError) as e:
+            raise CheckFailed(f"DERP {url}: admitted but ping failed: {e or 'timeout'}") from None
+        return f"DERP ok: {url} server key {client.server_key}, ping {rtt * 1000:.1f} ms"
+    finally:
+        await client.close()
+
+
+async def check_stun(cfg: ServeConfig, timeout: float) -> str:
+    from derpkit.stun import codec
+
+    host = target_host(cfg)
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+    txid = codec.new_txid()
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            if not got.done() and data[8:20] == txid:
+                got.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:
+            if not got.done():
+                got.set_exception(exc)
+
+    transport, _ = await loop.create_datagram_endpoint(Proto, family=fam, remote_addr=(host, cfg.stun_port))
+    try:
+        req = codec.build_request(txid)
+        start = time.perf_counter()
+        deadline = start + timeout
+        while True:
+            transport.sendto(req)
+            try:
+                data = await asyncio.wait_for(asyncio.shield(got), min(1.0, max(0.01, deadline - time.perf_counter())))
+                break
+            except TimeoutError:
+                if time.perf_counter() >= deadline:
+                    raise CheckFailed(f"STUN {host}:{cfg.stun_port}: no answer in {timeout:g} s") from None
+            except OSError as e:
+                raise CheckFailed(f"STUN {host}:{cfg.stun_port}: {e}") from None
+        rtt = time.perf_counter() - start
+        try:
+            resp = codec.parse_response(data)
+        except codec.StunError as e:
+            raise CheckFailed(f"STUN {host}:{cfg.stun_port}: bad answer: {e}") from None
+        local = transport.get_extra_info("sockname")
+        if resp.port != local[1] or resp.ip != ipaddress.ip_address(local[0].split("%")[0]):
+            raise CheckFailed(
+                f"STUN {host}:{cfg.stun_port}: answer names {resp.ip}:{resp.port}, we are {local[0]}:{local[1]}"
+            )
+        return f"STUN ok: {host}:{cfg.stun_port} mapped {resp.ip}:{resp.port} in {rtt * 1000:.1f} ms"
+    finally:
+        transport.close()
+
+
+async def run_checks(cfg: ServeConfig, timeout: float) -> tuple[bool, list[str]]:
+    lines: list[str] = []
+    ok = True
+    checks = [("DERP", check_derp(cfg, timeout))]
+    if cfg.stun:
+        checks.append(("STUN", check_stun(cfg, timeout)))
+    else:
+        lines.append("STUN skipped: -stun=false")
+    results = await asyncio.gather(*(c for _, c in checks), return_exceptions=True)
+    for (name, _), r in zip(checks, results, strict=True):
+        if isinstance(r, BaseException):
+            ok = False
+            lines.append(f"FAIL {r}" if isinstance(r, CheckFailed) else f"FAIL {name}: {type(r).__name__}: {r}")
+        else:
+            lines.append(r)
+    return ok, lines
+
+
+def main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    timeout = 5.0
+    quiet = False
+    while args and args[0] in ("--timeout", "-timeout", "--quiet", "-q") or (args and args[0].startswith("--timeout=")):
+        a = args.pop(0)
+        if a in ("--quiet", "-q"):
+            quiet = True
+            continue
+        value = a.split("=", 1)[1] if "=" in a else (args.pop(0) if args else "")
+        try:
+            timeout = float(value)
+        except ValueError:
+            sys.stderr.write(f"derpkit healthcheck: --timeout: not a number: {value!r}\n")
+            return 2
+    try:
+        cfg, _notes = parse_config(args, os.environ)
+    except ConfigError as e:
+        sys.stderr.write(e.stderr_text())
+        return e.exit_code
+    try:
+        ok, lines = asyncio.run(asyncio.wait_for(run_checks(cfg, timeout), timeout * 3 + 5))
+    except TimeoutError:
+        ok, lines = False, ["FAIL health check timed out"]
+    if not quiet or not ok:
+        for line in lines:
+            print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
