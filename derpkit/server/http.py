@@ -12,6 +12,7 @@ import html
 import inspect
 import ipaddress
 import os
+import posixpath
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -229,8 +230,7 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
 
     def all_families() -> Iterable[metrics.Family]:
         yield from metrics.derp_families(server, rss0)
-        yield metrics.counter("process_start_unix_time", int(started))
-        yield metrics.counter("counter_uptime_sec", int(time.time() - started))
+        yield from metrics.process_families(started)
         for src in opts.metrics_sources:
             yield from src()
 
@@ -260,11 +260,19 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
         rows = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in info.items())
         links = "".join(
             f'<li><a href="/debug/{p}">/debug/{p}</a> {html.escape(d)}</li>'
-            for p, d in (("vars", "Metrics (JSON)"), ("varz", "Metrics (Prometheus)"), ("check", "Consistency check"), ("gc", "Force garbage collection"))
+            for p, d in (
+                ("vars", "Metrics (JSON)"), ("varz", "Metrics (Prometheus)"),
+                # derper's Go-runtime pages: linked as derper does, 404 here (spec §11 Q6).
+                ("pprof/", "pprof (index; Go only)"), ("pprof/goroutine?debug=1", "Goroutines (collapsed; Go only)"),
+                ("pprof/goroutine?debug=2", "Goroutines (full; Go only)"), ("gc", "force GC"),
+                ("check", "Consistency check"), ("traffic", "Traffic check (not in derpkit)"),
+                ("set-mutex-profile-fraction", "SetMutexProfileFraction (Go only)"),
+            )
         )
         return f"<html><body><h1>derpkit debug</h1><ul>{rows}</ul><ul>{links}</ul></body></html>\n"
 
-    app = web.Application()
+    app = web.Application(middlewares=[go_mux_cleanup])
+    app.on_response_prepare.append(_drop_server_header)
     app.router.add_route("*", "/derp", derp)
     app.router.add_route("*", "/derp/probe", probe)
     app.router.add_route("*", "/derp/latency-check", probe)
@@ -290,8 +298,52 @@ def registry_problems(server: DerpServer) -> list[str]:
     return problems
 
 
+def go_redirect(request: web.Request, location: str, status: int = 307) -> web.Response:
+    """Go's http.Redirect: an HTML link body for GET, Content-Type for GET/HEAD only."""
+    headers = {"Location": location}
+    if request.method in ("GET", "HEAD"):
+        headers["Content-Type"] = "text/html; charset=utf-8"
+    body = b""
+    if request.method == "GET":
+        reason = {301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect"}.get(status, "")
+        body = f'<a href="{html.escape(location)}">{reason}</a>.\n\n'.encode()
+    return web.Response(status=status, body=body, headers=headers)
+
+
 async def debug_redirect(request: web.Request) -> web.Response:
-    raise web.HTTPMovedPermanently("/debug/")
+    # Go's ServeMux: /debug -> /debug/ with 307 (as the real derper answers).
+    return go_redirect(request, "/debug/" + (f"?{request.query_string}" if request.query_string else ""))
+
+
+def clean_path(p: str) -> str:
+    """Go's ServeMux cleanPath: rooted, ``path.Clean``-ed, trailing slash kept."""
+    if not p:
+        return "/"
+    if not p.startswith("/"):
+        p = "/" + p
+    out = posixpath.normpath(p)
+    if out.startswith("//"):
+        out = "/" + out.lstrip("/")
+    if p.endswith("/") and out != "/":
+        out += "/"
+    return out
+
+
+@web.middleware
+async def go_mux_cleanup(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Non-canonical paths (``//x``, ``/a/../b``) get Go's 307 to the cleaned path."""
+    path = request.path
+    if request.method != "CONNECT":
+        cleaned = clean_path(path)
+        if cleaned != path:
+            q = request.query_string
+            return go_redirect(request, cleaned + (f"?{q}" if q else ""))
+    return await handler(request)
+
+
+async def _drop_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # derper sends no Server header; aiohttp only adds its own when none is set.
+    response.headers["Server"] = "derpkit"
 
 
 def no_content(request: web.Request) -> web.Response:

@@ -137,7 +137,11 @@ def render(families: Iterable[Family]) -> str:
         out.append(f"# HELP {f.name} {f.help}")
         out.append(f"# TYPE {f.name} {f.type}")
         for labels, value in f.samples:
-            if labels:
+            if "__suffix__" in labels:
+                out.append(f"{f.name}{labels['__suffix__']} {_fmt(value)}")
+            elif f.type == "histogram":
+                out.append(f'{f.name}_bucket{{le="{labels["le"]}"}} {_fmt(value)}')
+            elif labels:
                 lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
                 out.append(f"{f.name}{{{lab}}} {_fmt(value)}")
             else:
@@ -179,6 +183,11 @@ def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
         db.add(s.dropped_bytes[(reason, kind)], reason=reason, kind=kind)
     yield dp
     yield db
+    # Kept by derper; not measured by derpkit yet (present, zero), see docs/operations.md.
+    yield histogram("derp_mesh_update_batch_size", MESH_UPDATE_BATCH_BUCKETS)
+    yield histogram("derp_mesh_update_loop_count", MESH_UPDATE_LOOP_BUCKETS)
+    yield histogram("derp_buffered_write_frames", BUFFERED_WRITE_BUCKETS)
+    yield Family("derp_tcp_rtt", "counter", "TCP RTT samples by bucket (not sampled by derpkit yet)")
     if server.rate_limit is not None:
         rate, burst = server.rate_limit
         yield Family("derp_rate_limit_per_client_bytes_per_second", "untyped", "per-client rate").add(rate)
@@ -193,6 +202,64 @@ def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
     yield counter("derpkit_dead_clients_closed", s.dead_clients_closed, "clients closed for not answering liveness pings")
     yield counter("derpkit_v1_recv_packets", s.v1_recv_packets, "packets relayed in the v1 layout (zero source key)")
     yield gauge("derpkit_resident_memory_bytes", rss_bytes())
+
+
+def histogram(name: str, buckets: Iterable[float], counts: dict[float, int] | None = None,
+              total: float = 0, help: str = "") -> Family:
+    """A Prometheus histogram in Go's layout: cumulative ``_bucket{le}``, ``+Inf``, ``_sum``, ``_count``.
+
+    ``counts`` maps each bucket's upper bound to the observations that fell in it (not
+    cumulative); absent means nothing observed yet.
+    """
+    counts = counts or {}
+    fam = Family(name, "histogram", help or name.replace("_", " "))
+    running = 0
+    for b in buckets:
+        running += counts.get(b, 0)
+        fam.samples.append(({"le": _fmt(b)}, running))
+    running += counts.get(float("inf"), 0)
+    fam.samples.append(({"le": "+Inf"}, running))
+    fam.samples.append(({"__suffix__": "_sum"}, total))
+    fam.samples.append(({"__suffix__": "_count"}, running))
+    return fam
+
+
+#: Bucket bounds of derper's three histograms (spec derp-protocol §9.1).
+MESH_UPDATE_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+MESH_UPDATE_LOOP_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
+BUFFERED_WRITE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
+
+
+def boot_time() -> int:
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def process_families(started: float) -> Iterator[Family]:
+    """tsweb's process-level variables, with Python stand-ins for the Go ones."""
+    import asyncio
+    import platform
+
+    from derpkit import __version__
+
+    yield Family("process_start_unix_time", "untyped", "process start time").add(int(started))
+    yield counter("uptime_sec", int(time.time() - started), "seconds since the process started")
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:
+        tasks = 0
+    yield gauge("goroutines", tasks, "asyncio tasks (derper: goroutines)")
+    yield Family("version", "untyped", "version").add(1, version=__version__, binary="derpkit")
+    yield Family("python_version", "untyped", "Python version").add(1, version=platform.python_version())
+    bt = boot_time()
+    if bt:
+        yield Family("node_boot_time_seconds", "untyped", "machine boot time").add(bt)
 
 
 MetricsSource = Callable[[], Iterable[Family]]

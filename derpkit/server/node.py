@@ -102,9 +102,10 @@ class DerpNode:
         return self.stun.sockname[1] if self.stun is not None else None
 
     def stun_families(self) -> Iterable[metrics.Family]:
-        if self.stun is None:
-            return
-        counts = self.stun.counts
+        # Present (zero) even without STUN, as derper's expvars always are.
+        counts = self.stun.counts if self.stun is not None else {
+            ("requests", d): 0 for d in ("not_stun", "read_error", "success", "write_error")
+        } | {("addrfamily", f): 0 for f in ("ipv4", "ipv6")}
         req = metrics.Family("stun_requests", "counter", "STUN requests by disposition")
         fam = metrics.Family("stun_addrfamily", "counter", "answered STUN requests by address family")
         for (kind, label), v in sorted(counts.items()):
