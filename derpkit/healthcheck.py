@@ -186,8 +186,6 @@ async def run_checks(cfg: ServeConfig, timeout: float) -> tuple[bool, list[str]]
     checks = [("DERP", check_derp(cfg, timeout))]
     if cfg.stun:
         checks.append(("STUN", check_stun(cfg, timeout)))
-    else:
-        lines.append("STUN skipped: -stun=false")
     results = await asyncio.gather(*(c for _, c in checks), return_exceptions=True)
     for (name, _), r in zip(checks, results, strict=True):
         if isinstance(r, BaseException):
@@ -195,6 +193,8 @@ async def run_checks(cfg: ServeConfig, timeout: float) -> tuple[bool, list[str]]
             lines.append(f"FAIL {r}" if isinstance(r, CheckFailed) else f"FAIL {name}: {type(r).__name__}: {r}")
         else:
             lines.append(r)
+    if not cfg.stun:
+        lines.append("STUN skipped: -stun=false")
     return ok, lines
 
 
