@@ -702,8 +702,11 @@ class AcmeCertProvider(CertProvider):
     def acme_http01(self, host: str, path: str) -> tuple[int, str] | None:
         if not path.startswith(CHALLENGE_PREFIX):
             return None
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.strip("[]")
-        if parse_ip(name.strip("[]")) is None and not self._host_allowed(name) and name not in self.entries:
+        if host.startswith("[") and "]" in host:
+            name = host[1 : host.index("]")]
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        if parse_ip(name) is None and not self._host_allowed(name):
             return 403, "acme/autocert: host not configured"
         answer = self.tokens.get(path)
         if answer is None:
