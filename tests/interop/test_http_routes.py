@@ -20,7 +20,7 @@ from tests.server.serve_proc import start_serve
 pytestmark = pytest.mark.timeout(60)
 
 # Headers that legitimately differ per server or per response.
-#  Date: the clock; Server: aiohttp names itself, Go sends none (docs/compat.md).
+#  Date: the clock; Server: Go sends none, derpkit sends "derpkit" (docs/compat.md).
 IGNORED = {"date", "server"}
 # Headers whose value must match, not just their presence.
 VALUES = {"cache-control", "x-tailscale-response", "access-control-allow-origin", "content-type",
