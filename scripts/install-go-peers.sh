@@ -18,3 +18,8 @@ for cmd in derper derpprobe stunc; do
   echo "$TAILSCALE_VERSION" > "$GOBIN/.$cmd.version"
 done
 echo "install-go-peers: $TAILSCALE_VERSION in $GOBIN" >&2
+# derper -dev and dual-stack STUN interop tests run inside `unshare -rn` (a private network
+# namespace, so derper's fixed ports 3340/3478 collide with nothing); say early if that fails.
+if ! unshare -rn true >/dev/null 2>&1; then
+  echo "install-go-peers: WARNING: 'unshare -rn' is not permitted here; tests/interop/test_dev_mode_netns.py cannot run" >&2
+fi
