@@ -1,0 +1,393 @@
+"""Each environment variable changes what the *running* server does.
+
+Parsing of every variable and every invalid value is covered by test_config.py; here a
+real ``derpkit serve`` process (or, for socket options, the same ``build_node`` wiring
+in-process) is started with the variable set and its behaviour is observed from outside:
+ports that answer, routes, admission, socket options via getsockopt. Certificate
+variables (CERT_MODE, CERT_DIR, HOSTNAME with TLS, HTTP_PORT) belong to the cert tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from derpkit.client import DerpClient, DerpConnectionError
+from derpkit.protocol.keys import NodePrivate
+from derpkit.server.app import build_node
+from derpkit.server.config import parse_config
+
+from .helpers import recv_packet
+from .serve_proc import ServeProc, start_serve
+from .test_mesh_serve import deliver_eventually, free_ports
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stun_answers(port: int, timeout: float = 1.0) -> bool:
+    txid = os.urandom(12)
+    req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + txid
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+
+    class P(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            if not fut.done():
+                fut.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    t, _ = await loop.create_datagram_endpoint(P, remote_addr=("127.0.0.1", port))
+    try:
+        t.sendto(req)
+        data = await asyncio.wait_for(fut, timeout)
+        return data[8:20] == txid
+    except (TimeoutError, ConnectionRefusedError):
+        return False
+    finally:
+        t.close()
+
+
+async def get(sp: ServeProc, path: str, **kw: object) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{sp.port}{path}", allow_redirects=False, **kw) as r:
+        return r.status, await r.read()
+
+
+async def admitted(url: str, key: NodePrivate | None = None) -> bool:
+    try:
+        c = await DerpClient.connect(url, private_key=key, timeout=5)
+    except DerpConnectionError:
+        return False
+    await c.close()
+    return True
+
+
+BASE = ("-stun=false",)
+
+
+def _private_key_text(path: str) -> str:
+    return json.loads(Path(path).read_text())["PrivateKey"]
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+async def serve(*args: str, **env: str) -> ServeProc:
+    return await start_serve(*args, env=env)
+
+
+# ------------------------------------------------------------------------ listeners
+
+@pytest.mark.parametrize("var", ["ADDR", "DERP_ADDR"])
+async def test_addr(var: str) -> None:
+    port = free_ports(1)[0]
+    sp = await serve(*BASE, **{var: f"127.0.0.1:{port}"})
+    try:
+        assert sp.port == port
+        assert (await get(sp, "/derp/probe"))[0] == 200
+    finally:
+        await sp.stop()
+
+
+@pytest.mark.parametrize("var", ["STUN_PORT", "DERP_STUN_PORT"])
+async def test_stun_port_moves_the_udp_listener(var: str) -> None:
+    port = free_udp_port()
+    sp = await serve("-a", "127.0.0.1:0", **{var: str(port)})
+    try:
+        assert sp.stun_port == port
+        assert await stun_answers(port)
+    finally:
+        await sp.stop()
+
+
+@pytest.mark.parametrize("var", ["RUN_STUN", "DERP_STUN"])
+async def test_run_stun_false_means_no_udp_answer(var: str) -> None:
+    port = free_udp_port()
+    sp = await serve("-a", "127.0.0.1:0", "-stun-port", str(port), **{var: "false"})
+    try:
+        assert not await stun_answers(port, 0.5)
+    finally:
+        await sp.stop()
+
+
+async def test_flag_beats_env() -> None:
+    port = free_udp_port()
+    sp = await serve("-a", "127.0.0.1:0", "-stun=true", "-stun-port", str(port), RUN_STUN="false")
+    try:
+        assert await stun_answers(port)
+    finally:
+        await sp.stop()
+
+
+# ------------------------------------------------------------------------ routes
+
+async def test_run_derp_false_makes_derp_404_and_keeps_probes() -> None:
+    sp = await serve("-a", "127.0.0.1:0", *BASE, RUN_DERP="false")
+    try:
+        assert await get(sp, "/derp") == (404, b"derp server disabled\n")
+        assert (await get(sp, "/derp/probe"))[0] == 200
+        assert b"disabled" in (await get(sp, "/"))[1]
+        with pytest.raises(DerpConnectionError):
+            await DerpClient.connect(sp.url, timeout=5)
+    finally:
+        await sp.stop()
+
+
+@pytest.mark.parametrize(("value", "status", "body"), [("blank", 200, b""), ("https://example.net/x", 302, None)])
+async def test_flaghome(value: str, status: int, body: bytes | None) -> None:
+    sp = await serve("-a", "127.0.0.1:0", *BASE, FLAGHOME=value)
+    try:
+        got = await get(sp, "/")
+        assert got[0] == status
+        if body is not None:
+            assert got[1] == body
+    finally:
+        await sp.stop()
+
+
+@pytest.mark.parametrize("var", ["HOSTNAME", "DERP_DOMAIN"])
+async def test_hostname_shows_on_debug_and_decides_the_abuse_block(var: str) -> None:
+    sp = await serve("-a", "127.0.0.1:0", *BASE, **{var: "relay.example.com"})
+    try:
+        assert b"relay.example.com" in (await get(sp, "/debug/"))[1]
+        assert b"If you suspect abuse" not in (await get(sp, "/"))[1]
+    finally:
+        await sp.stop()
+    sp = await serve("-a", "127.0.0.1:0", *BASE, **{var: "derp42.tailscale.com"})
+    try:
+        assert b"If you suspect abuse" in (await get(sp, "/"))[1]
+    finally:
+        await sp.stop()
+
+
+async def test_bootstrap_dns_and_unpublished_dns() -> None:
+    sp = await serve("-a", "127.0.0.1:0", *BASE, BOOTSTRAP_DNS="localhost", UNPUBLISHED_DNS="127.0.0.1")
+    try:
+        async with asyncio.timeout(5):
+            while not (body := (await get(sp, "/bootstrap-dns"))[1]):
+                await asyncio.sleep(0.05)
+        assert json.loads(body) == {"localhost": ["127.0.0.1"]}
+        assert json.loads((await get(sp, "/bootstrap-dns?q=127.0.0.1"))[1]) == {"127.0.0.1": ["127.0.0.1"]}
+    finally:
+        await sp.stop()
+
+
+async def test_config_path_keeps_the_server_key() -> None:
+    path = os.path.join(tempfile.mkdtemp(), "sub", "derper.key")
+    # A trailing "-- -c" is a positional (ignored, as by derper) that keeps start_serve
+    # from adding its own -c flag, which would beat the env var.
+    sp = await start_serve("-a", "127.0.0.1:0", *BASE, "--", "-c", env={"CONFIG_PATH": path})
+    try:
+        first = (await DerpClient.connect(sp.url)).server_key
+    finally:
+        await sp.stop()
+    assert _private_key_text(path).startswith("privkey:")
+    # A trailing "-- -c" is a positional (ignored, as by derper) that keeps start_serve
+    # from adding its own -c flag, which would beat the env var.
+    sp = await start_serve("-a", "127.0.0.1:0", *BASE, "--", "-c", env={"CONFIG_PATH": path})
+    try:
+        c = await DerpClient.connect(sp.url)
+        assert c.server_key == first == NodePrivate.parse(_private_key_text(path)).public()
+        await c.close()
+    finally:
+        await sp.stop()
+
+
+async def test_version_flag() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "derpkit", "serve", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "VERSION_FLAG": "true"},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0 and out.strip()
+
+
+# ------------------------------------------------------------------------ admission
+
+@pytest.fixture
+async def controller():  # noqa: ANN201
+    app = web.Application()
+    state = {"allow": "", "url": ""}
+
+    async def admit(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        return web.json_response({"Allow": body["NodePublic"] == state["allow"]})
+
+    app.router.add_post("/admit", admit)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/admit"  # noqa: SLF001
+    yield state
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("var", ["VERIFY_CLIENT_URL", "DERP_VERIFY_CLIENT_URL"])
+async def test_verify_client_url(var: str, controller: dict[str, str]) -> None:
+    good = NodePrivate.generate()
+    controller["allow"] = str(good.public())
+    sp = await serve("-a", "127.0.0.1:0", *BASE, **{var: controller["url"]})
+    try:
+        assert await admitted(sp.url, good)
+        assert not await admitted(sp.url, NodePrivate.generate())
+    finally:
+        await sp.stop()
+
+
+@pytest.mark.parametrize(("var", "url_var"), [("VERIFY_FAIL_OPEN", "VERIFY_CLIENT_URL"),
+                                              ("DERP_VERIFY_CLIENT_URL_FAIL_OPEN", "DERP_VERIFY_CLIENT_URL")])
+async def test_verify_fail_open(var: str, url_var: str) -> None:
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}/admit"
+    for value, want in (("false", False), ("true", True)):
+        sp = await serve("-a", "127.0.0.1:0", *BASE, **{url_var: dead, var: value})
+        try:
+            assert await admitted(sp.url) is want, value
+        finally:
+            await sp.stop()
+
+
+@pytest.mark.parametrize("var", ["VERIFY_CLIENTS", "DERP_VERIFY_CLIENTS"])
+async def test_verify_clients_with_socket_fails_closed(var: str) -> None:
+    sp = await serve("-a", "127.0.0.1:0", *BASE, **{var: "true", "SOCKET": "/nonexistent/tailscaled.sock"})
+    try:
+        assert not await admitted(sp.url)
+        await asyncio.sleep(0.2)
+        assert any("/nonexistent/tailscaled.sock" in line or "failed to query local tailscaled" in line for line in sp.log)
+    finally:
+        await sp.stop()
+
+
+async def test_allowed_keys_file(tmp_path) -> None:  # noqa: ANN001
+    good = NodePrivate.generate()
+    (tmp_path / "keys").write_text(f"{good.public()}\n")
+    sp = await serve("-a", "127.0.0.1:0", *BASE, ALLOWED_KEYS_FILE=str(tmp_path / "keys"))
+    try:
+        assert await admitted(sp.url, good)
+        assert not await admitted(sp.url, NodePrivate.generate())
+    finally:
+        await sp.stop()
+
+
+# ------------------------------------------------------------------------ mesh
+
+async def test_mesh_pskfile_and_mesh_with() -> None:
+    d = tempfile.mkdtemp()
+    psk = os.path.join(d, "mesh.key")
+    _write(psk, os.urandom(32).hex())
+    ports = free_ports(2)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    procs = await asyncio.gather(*(
+        serve(*BASE, ADDR=f"127.0.0.1:{p}", MESH_PSKFILE=psk, MESH_WITH=peers) for p in ports
+    ))
+    try:
+        a = await DerpClient.connect(procs[0].url)
+        b = await DerpClient.connect(procs[1].url)
+        try:
+            await deliver_eventually(a, b, b"over the env-configured mesh")
+        finally:
+            await a.close()
+            await b.close()
+    finally:
+        for p in procs:
+            await p.stop()
+
+
+# ------------------------------------------------------------------------ connection controls
+
+async def _node_from_env(env: dict[str, str], *extra: str):  # noqa: ANN202
+    key = os.path.join(tempfile.mkdtemp(), "k")
+    cfg, _ = parse_config(["-a", "127.0.0.1:0", "-c", key, "-stun=false", *extra], env)
+    node = build_node(cfg)
+    await node.start()
+    return node
+
+
+async def test_tcp_user_timeout_and_keepalive_reach_the_servers_socket() -> None:
+    node = await _node_from_env({"TCP_USER_TIMEOUT": "3500ms", "TCP_KEEPALIVE_TIME": "2m", "TCP_WRITE_TIMEOUT": "750ms"})
+    try:
+        c = await DerpClient.connect(node.url)
+        try:
+            (conn,) = list(node.server.conns)
+            s = conn.transport.get_extra_info("socket")
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3500
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert node.server.write_timeout == 0.75
+        finally:
+            await c.close()
+    finally:
+        await node.stop()
+
+
+async def test_accept_connection_limit_and_burst_on_the_tls_listener(tmp_path) -> None:  # noqa: ANN001
+    """TLS mode (derper applies the limiter only there): burst 2, next token in 1000 s."""
+    env = {"ACCEPT_CONNECTION_LIMIT": "0.001", "ACCEPT_CONNECTION_BURST": "2"}
+    sp = await start_serve("-a", "127.0.0.1:0", *BASE, "-certmode", "manual", "-hostname", "127.0.0.1",
+                           "-certdir", str(tmp_path), "-http-port", "-1", env=env)
+    try:
+        fates = []
+        for _ in range(3):
+            r, w = await asyncio.open_connection("127.0.0.1", sp.port)
+            try:
+                fates.append("closed" if not await asyncio.wait_for(r.read(1), 0.3) else "data")
+            except TimeoutError:
+                fates.append("open")
+            except ConnectionError:
+                fates.append("closed")
+            w.close()
+        assert fates == ["open", "open", "closed"]
+        assert sp.proc.returncode is None  # derper would have exited here (spec §11 Q1)
+    finally:
+        await sp.stop()
+
+
+async def test_accept_limit_unlimited_by_default_in_tls(tmp_path) -> None:  # noqa: ANN001
+    sp = await start_serve("-a", "127.0.0.1:0", *BASE, "-certmode", "manual", "-hostname", "127.0.0.1",
+                           "-certdir", str(tmp_path), "-http-port", "-1", env={"ACCEPT_CONNECTION_BURST": "1"})
+    try:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):  # +Inf limit ignores the burst
+                async with s.get(f"https://127.0.0.1:{sp.port}/derp/probe", ssl=ctx,
+                                 headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+            async with s.get(f"https://127.0.0.1:{sp.port}/debug/varz", ssl=ctx) as r:
+                text = await r.text()
+        assert "tls_listener_accepted_connections 4" in text
+        assert "tls_listener_rejected_connections 0" in text
+    finally:
+        await sp.stop()
+
+
+async def test_derp_still_relays_through_env_configured_server() -> None:
+    sp = await serve("-a", "127.0.0.1:0", *BASE, TCP_USER_TIMEOUT="5s", TCP_KEEPALIVE_TIME="-1s")
+    try:
+        a = await DerpClient.connect(sp.url)
+        b = await DerpClient.connect(sp.url)
+        await a.send(b.public_key, b"x")
+        assert (await recv_packet(b)).data == b"x"
+        await a.close()
+        await b.close()
+    finally:
+        await sp.stop()
