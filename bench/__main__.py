@@ -286,8 +286,7 @@ def table(results: dict[str, Result], cfg: argparse.Namespace) -> str:
     names = list(results)
     idle = list(cfg.idle) + [0, 0]
     header = ["figure", *names]
-    if len(names) == 2:
-        header.append(f"{names[0]} / {names[1]}")
+    header += [f"{names[0]} / {other}" for other in names[1:]]
     header.append("notes (generator CPU share; what limited it)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, label, fmt, _ in ROWS:
@@ -301,9 +300,8 @@ def table(results: dict[str, Result], cfg: argparse.Namespace) -> str:
         row = [label.format(pairs=cfg.pairs, idle0=idle[0], idle1=idle[1])]
         vals = [results[nm].figures.get(k) for nm in names]
         row += ["n/a" if v is None else fmt.format(v) for v in vals]
-        if len(names) == 2:
-            a, b = vals
-            row.append(f"{a / b:.2f}" if a is not None and b else "n/a")
+        a = vals[0]
+        row += [f"{a / b:.2f}" if a is not None and b else "n/a" for b in vals[1:]]
         note_key = {"gbps1200": "", "gbps100": "", "loss1200": "", "loss100": "",
                     "floodloss1200": "", "floodloss100": "",
                     "p99": "", "p999": "", "lat_loss": "", "cpu1200": "", "cpu100": ""}.get(key, k)
@@ -317,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, 1 s, 100/500 idle")
-    ap.add_argument("--servers", default="derpkit,go", help="derpkit,go (default both)")
+    ap.add_argument("--servers", default="derpkit,go,go2",
+                    help="derpkit, go (Go derper on the server CPU), go2 (Go derper unpinned, "
+                    "sharing every CPU with the generator); default all three")
     ap.add_argument("--generator", choices=("auto", "go", "python"), default="auto")
     ap.add_argument("--pairs", type=int, default=None, help="sender/receiver pairs (default 8)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per figure (default 3)")
@@ -370,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 log("bench: Go derper not installed; measuring derpkit only")
                 continue
             makers["Go derper"] = lambda b=binary_d: GoDerperServer(b, server_cpus)
+        elif s == "go2":
+            binary_d = find_go_derper()
+            if binary_d is not None and server_cpus is not None:
+                makers[f"Go derper, {ncpu} CPUs"] = lambda b=binary_d: GoDerperServer(b, None)
         elif s:
             log(f"bench: unknown server {s!r}")
             return 2

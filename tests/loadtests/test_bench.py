@@ -15,6 +15,7 @@ def test_bench_quick_prints_table(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--steps", "1", "--idle", "100",
+         "--servers", "derpkit,go",
          "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
     )
