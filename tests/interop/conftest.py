@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.goderper import REQUIRE_ENV, SKIPPED_FOR_MISSING_GO, find_go_tool
+from tests.goderper import REQUIRE_ENV, find_go_tool
 
 from .pki import Leaf, TestCA
 
@@ -29,10 +29,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
     # Every test of the session skipped for a missing Go program (here or in tests/client/),
-    # including those a module-scoped fixture skipped, plus any recorded by tests/goderper.py.
+    # including those a module-scoped fixture skipped.
     skipped = [r.nodeid for r in terminalreporter.stats.get("skipped", [])
                if "NOT INSTALLED" in str(getattr(r, "longrepr", ""))]
-    skipped = list(dict.fromkeys(skipped + SKIPPED_FOR_MISSING_GO))
+    skipped = list(dict.fromkeys(skipped))
     if not skipped:
         return
     missing = [t for t in GO_TOOLS if find_go_tool(t) is None]
