@@ -35,6 +35,8 @@ from derpkit.protocol.errors import ProtocolError
 from derpkit.protocol.handshake import ClientInfo, open_client_info, server_info_frame
 from derpkit.protocol.keys import NodePublic
 
+from .metrics import WRITE_BATCH_SLOTS
+
 if TYPE_CHECKING:
     from .derp import DerpServer
 
@@ -378,7 +380,11 @@ class ClientConn(asyncio.Protocol):
         if not out or self.state == _CLOSED:
             return
         t = self.transport
-        if len(out) == 1:
+        n = len(out)
+        stats = self.server.stats
+        stats.write_batches[n if n < WRITE_BATCH_SLOTS else WRITE_BATCH_SLOTS] += 1
+        stats.write_batch_frames += n
+        if n == 1:
             t.write(out[0])
         else:
             t.writelines(out)

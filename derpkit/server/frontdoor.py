@@ -103,6 +103,8 @@ class FrontDoor(asyncio.Protocol):
         remote = (peer[0], peer[1]) if peer else None
         conn = ClientConn(self.server, remote, not_ideal=decision.not_ideal)
         self.transport.set_protocol(conn)
+        if decision.fast_start:
+            self.server.stats.fast_start_accepts += 1
         preamble = b"" if decision.fast_start else upgrade.switching_protocols(self.server.public_key)
         conn.start(self.transport, rest, preamble)
 

@@ -53,12 +53,16 @@ class Stats:
         self.sclient_write_timeouts = 0
         self.total_dup_client_conns = 0
         self.websocket_accepts = 0
+        self.fast_start_accepts = 0
         self.rate_limit_waited = 0
         self.restarting_frames = 0
         self.server_pings_sent = 0
         self.dead_clients_closed = 0
         self.v1_recv_packets = 0
         self.average_queue_duration_ms = 0.0
+        # Frames per socket write: index n counts flushes of n frames (the last slot: more).
+        self.write_batches = [0] * (WRITE_BATCH_SLOTS + 1)
+        self.write_batch_frames = 0
         # (reason, kind) -> packets / bytes, every combination present from the start.
         self.dropped_packets: dict[tuple[str, str], int] = {
             (r.value, k): 0 for r in DropReason for k in KINDS
@@ -183,10 +187,13 @@ def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
         db.add(s.dropped_bytes[(reason, kind)], reason=reason, kind=kind)
     yield dp
     yield db
-    # Kept by derper; not measured by derpkit yet (present, zero), see docs/operations.md.
+    # Mesh update batching is not measured by derpkit (present, zero), see docs/operations.md.
     yield histogram("derp_mesh_update_batch_size", MESH_UPDATE_BATCH_BUCKETS)
     yield histogram("derp_mesh_update_loop_count", MESH_UPDATE_LOOP_BUCKETS)
-    yield histogram("derp_buffered_write_frames", BUFFERED_WRITE_BUCKETS)
+    yield histogram(
+        "derp_buffered_write_frames", BUFFERED_WRITE_BUCKETS, write_batch_counts(s),
+        s.write_batch_frames, "frames written per socket write",
+    )
     yield Family("derp_tcp_rtt", "counter", "TCP RTT samples by bucket (not sampled by derpkit yet)")
     if server.rate_limit is not None:
         rate, burst = server.rate_limit
@@ -197,6 +204,7 @@ def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
     for reason, v in sorted(s.conn_errors.items()):
         ce.add(v, reason=reason)
     yield ce
+    yield counter("derpkit_fast_start_accepts", s.fast_start_accepts, "DERP upgrades that asked for fast start (no HTTP response)")
     yield counter("derpkit_restarting_frames", s.restarting_frames, "Restarting frames sent on graceful shutdown")
     yield counter("derpkit_server_pings_sent", s.server_pings_sent, "liveness pings sent to silent clients")
     yield counter("derpkit_dead_clients_closed", s.dead_clients_closed, "clients closed for not answering liveness pings")
@@ -223,6 +231,21 @@ def histogram(name: str, buckets: Iterable[float], counts: dict[float, int] | No
     fam.samples.append(({"__suffix__": "_count"}, running))
     return fam
 
+
+def write_batch_counts(s: Stats) -> dict[float, int]:
+    """Fold the per-size flush counts into derper's buffered-write buckets."""
+    out: dict[float, int] = {}
+    for n, c in enumerate(s.write_batches):
+        if c:
+            bound = next((b for b in BUFFERED_WRITE_BUCKETS if n <= b), float("inf"))
+            if n == WRITE_BATCH_SLOTS:
+                bound = float("inf")
+            out[bound] = out.get(bound, 0) + c
+    return out
+
+
+#: Flush sizes tracked one by one; larger ones share the last slot (+Inf bucket).
+WRITE_BATCH_SLOTS = 101
 
 #: Bucket bounds of derper's three histograms (spec derp-protocol §9.1).
 MESH_UPDATE_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

@@ -234,3 +234,22 @@ async def test_rate_limit_slows_a_sender_without_dropping() -> None:
         assert elapsed > 0.8, elapsed
         assert node.server.stats.rate_limit_waited > 0
         assert sum(node.server.stats.dropped_packets.values()) == 0
+
+
+async def test_write_batches_and_fast_start_are_measured() -> None:
+    from derpkit.server import metrics
+
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url, server_key=node.public_key)  # fast start
+        b = await DerpClient.connect(node.url)
+        for i in range(50):
+            await a.send(b.public_key, b"%d" % i)
+        for _ in range(50):
+            await recv_packet(b)
+        s = node.server.stats
+        assert s.fast_start_accepts == 1
+        text = metrics.render(metrics.derp_families(node.server, 0))
+        count = int(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("derp_buffered_write_frames_count")))
+        total = int(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("derp_buffered_write_frames_sum")))
+        assert count >= 1 and total >= 50 + 2  # every packet and both ServerInfos were written
+        assert "derpkit_fast_start_accepts 1" in text
