@@ -146,6 +146,7 @@ def build_node(cfg: ServeConfig) -> DerpNode:
         http=http,
         extra_metrics=extra_metrics,
         on_connect=controls.on_connect,
+        tune_listener=controls.tune,
         admit=admission if admission.active else None,
         services=[dns, admission] + ([provider] if provider is not None else []),
         http_port=cfg.http_port if provider is not None and cfg.http_port_enabled else None,

@@ -240,7 +240,10 @@ class ClientConn(asyncio.Protocol):
             refusal = f"admission check failed: {e}"
         if refusal:
             self.server.stats.conn_errors["admission_denied"] += 1
-            log.info("derp: client %s rejected: %s", self.key, refusal)
+            where = f"[{self.remote[0]}]:{self.remote[1]}" if self.remote and ":" in self.remote[0] else (
+                f"{self.remote[0]}:{self.remote[1]}" if self.remote else "unknown"
+            )
+            log.info("derp: %s: client %s rejected: %s", where, self.key, refusal)
             self.close("admission_denied")
             return
         if hasattr(self.transport, "resume_reading"):

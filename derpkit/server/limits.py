@@ -114,13 +114,17 @@ class ConnectionControls:
         self.keepalive_time = keepalive_time
         self.user_timeout = user_timeout
 
+    def tune(self, sock: Any) -> None:
+        """Apply the socket options to one socket (listening or accepted)."""
+        tune_socket(sock, self.keepalive_time, self.user_timeout)
+
     def on_connect(self, transport: Any) -> bool:
         limiter = self.limiter
         if limiter is not None and not limiter.allow():
             return False
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            tune_socket(sock, self.keepalive_time, self.user_timeout)
+            self.tune(sock)
         return True
 
 

@@ -48,6 +48,9 @@ class NodeOptions:
     http: HttpOptions = field(default_factory=HttpOptions)
     #: Called for each accepted TCP connection; return False to close it at once.
     on_connect: Callable[[Any], bool] | None = None
+    #: Socket options for the port-80 listener's sockets (set on the listening socket,
+    #: which accepted sockets inherit on Linux, as derper does).
+    tune_listener: Callable[[Any], None] | None = None
     #: Metric sources beyond the DERP core (accept limiter, cert expiry...).
     extra_metrics: list[Callable[[], Iterable[metrics.Family]]] = field(default_factory=list)
     #: Objects with ``async start()`` / ``async stop()`` that live as long as the node
@@ -185,6 +188,9 @@ class DerpNode:
             self.port80_runner.server, host, self.opts.http_port, reuse_address=True
         )
         self.http_port = self.port80.sockets[0].getsockname()[1]
+        if self.opts.tune_listener is not None:
+            for sock in self.port80.sockets:
+                self.opts.tune_listener(sock)
 
     async def stop(self, *, graceful: bool = True) -> None:
         for link in self.mesh:

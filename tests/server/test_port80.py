@@ -150,3 +150,30 @@ async def test_serve_http_port_busy_is_fatal(tmp_path: Path) -> None:
         assert "address already in use" in err.decode().lower()
     finally:
         blocker.close()
+
+
+async def test_port80_connections_get_the_socket_options(tmp_path: Path) -> None:
+    import socket
+
+    from derpkit.server.limits import ConnectionControls
+
+    provider = certs.ManualCertProvider(str(tmp_path), "127.0.0.1", poll_interval=0)
+    key = NodePrivate.generate()
+    controls = ConnectionControls(keepalive_time=77, user_timeout=4.5)
+    n = DerpNode(NodeOptions(
+        ssl_context=provider.ssl_context(key.public()), private_key=key, stun_port=None,
+        http_port=0, tune_listener=controls.tune,
+    ))
+    await n.start()
+    try:
+        assert n.port80 is not None
+        for s in n.port80.sockets:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 4500
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 77
+        # Linux copies these options to accepted sockets; the listener still serves.
+        reader, writer = await asyncio.open_connection("127.0.0.1", n.http_port)
+        writer.write(b"GET /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 204")
+        writer.close()
+    finally:
+        await n.stop()
