@@ -60,6 +60,9 @@ DefaultFn = Callable[[Mapping[str, str], PathExists], Any]
 PROG = "derpkit serve"
 CERT_MODES = ("manual", "letsencrypt", "gcp")
 DEV_ADDR = ":3340"
+#: derper's dev mode listens on every interface; ours stays on loopback unless -a (or ADDR)
+#: names a host part, because a dev server has no TLS and admits anyone.
+DEV_HOST = "127.0.0.1"
 MAX_PORT = 65535
 # TCP_USER_TIMEOUT is an unsigned int of milliseconds in the kernel; Go passes an int.
 _MAX_USER_TIMEOUT_S = ((1 << 31) - 1) / 1000
@@ -249,8 +252,9 @@ SETTINGS: tuple[Setting, ...] = (
         ("DEV",),
         "bool",
         False,
-        "Local development mode: listen on :3340 whatever -a says, use a throw-away "
-        "server key, and take a mesh key only from $TAILSCALE_DERPER_MESH_KEY.",
+        "Local development mode: plain HTTP on port 3340 whatever -a says (on 127.0.0.1 "
+        "unless -a names a host), a throw-away server key, and a mesh key only from "
+        "$TAILSCALE_DERPER_MESH_KEY.",
     ),
     Setting("version", ("VERSION_FLAG",), "bool", False, "Print the version and exit."),
     Setting(
@@ -902,14 +906,20 @@ def _cert_refusal(cfg: ServeConfig) -> tuple[str, tuple[str, ...]] | None:
 def validate_config(cfg: ServeConfig) -> list[str]:
     """derper's start-up refusals that are about shapes, not files; returns warning notes.
 
-    Applies ``-dev`` (forces ``-a :3340``) first, as derper does. Raises :class:`ConfigError`
+    Applies ``-dev`` (forces port 3340, on loopback unless ``-a`` names a host) first. Raises :class:`ConfigError`
     with exit status 1, derper's status for these. Per-value range checks already ran while
     parsing (exit 2). Checks that need the filesystem (key files, cert files, mesh key) belong
     to the modules that read them.
     """
     notes: list[str] = []
     if cfg.dev:
-        cfg.addr = DEV_ADDR
+        host = DEV_HOST
+        if "addr" in cfg.origins:
+            try:
+                host = split_host_port(cfg.addr)[0]
+            except GoValueError:
+                pass  # derper overwrites -a before splitting it: a broken -a does not matter
+        cfg.addr = (f"[{host}]" if ":" in host else host) + DEV_ADDR
     try:
         _resolve_port(split_host_port(cfg.addr)[1])
     except GoValueError as e:

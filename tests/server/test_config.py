@@ -388,9 +388,10 @@ def test_each_env_var_takes_effect(env: str, flag: str, text: str, want: Any) ->
     assert f"env {env}={shown} -> -{flag}" in notes
 
 
-def test_dev_env_forces_dev_address() -> None:
+def test_dev_env_forces_dev_port_keeping_the_env_host() -> None:
     cfg = cfg_of(env={"DEV": "true", "ADDR": ":9999"})
-    assert cfg.dev and cfg.addr == ":3340"
+    assert cfg.dev and cfg.addr == ":3340"  # Docker's ADDR=:443 + DEV=true: every interface
+    assert cfg_of(env={"DEV": "true"}).addr == "127.0.0.1:3340"
 
 
 def test_secrets_prefix_beats_secret_prefix() -> None:
@@ -577,17 +578,20 @@ def test_every_non_string_env_var_has_a_bad_value_case() -> None:
 # --- validation --------------------------------------------------------------------------------
 
 
-def test_dev_forces_3340() -> None:
-    cfg = cfg_of(["-dev", "-a", "192.0.2.1:443"])
-    assert cfg.addr == ":3340"
-    assert (cfg.listen_host, cfg.listen_port) == ("", 3340)
+def test_dev_forces_3340_on_loopback_unless_a_names_a_host() -> None:
+    cfg = cfg_of(["-dev"])
+    assert cfg.addr == "127.0.0.1:3340"
+    assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 3340)
+    assert cfg_of(["-dev", "-a", "192.0.2.1:443"]).addr == "192.0.2.1:3340"
+    assert cfg_of(["-dev", "-a", ":443"]).addr == ":3340"
+    assert cfg_of(["-dev", "-a", "[::1]:443"]).addr == "[::1]:3340"
     assert cfg.tls_enabled is False  # 3340 is not 443 and certmode is letsencrypt
     assert cfg_of(["-dev", "-certmode=manual"]).tls_enabled is True
 
 
 def test_dev_rescues_a_bad_address_like_derper() -> None:
     # derper overwrites -a before splitting it, so a broken -a does not matter in dev mode.
-    assert cfg_of(["-dev", "-a", "443"]).addr == ":3340"
+    assert cfg_of(["-dev", "-a", "443"]).addr == "127.0.0.1:3340"
 
 
 @pytest.mark.parametrize(
