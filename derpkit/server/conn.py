@@ -224,7 +224,7 @@ class ClientConn(asyncio.Protocol):
         self._early = frames[1:]
         self.state = _ADMITTING
         if self.is_mesh or server.admit is None:
-            self._admitted(None)
+            self._admitted()
             return
         if hasattr(self.transport, "pause_reading"):
             self.transport.pause_reading()
@@ -248,9 +248,9 @@ class ClientConn(asyncio.Protocol):
             return
         if hasattr(self.transport, "resume_reading"):
             self.transport.resume_reading()
-        self._admitted(None)
+        self._admitted()
 
-    def _admitted(self, _: object) -> None:
+    def _admitted(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -3,8 +3,8 @@
 A DERP upgrade to ``/derp`` is taken straight from here to ``ClientConn`` on the same
 transport, so relayed packets never pass through aiohttp's request machinery. Every other
 request (probes, the home page, metrics, WebSocket DERP) is handed, with the bytes read
-so far, to aiohttp's protocol on the same transport. See docs/design.md for the numbers
-behind this choice.
+so far, to aiohttp's protocol on the same transport. See docs/protocol.md ("The packet
+path") and docs/benchmarks.md for the numbers behind this choice.
 """
 
 from __future__ import annotations
