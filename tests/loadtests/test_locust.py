@@ -6,6 +6,7 @@ Numbers are not asserted; only that traffic flowed, was counted, and nothing fai
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +22,10 @@ from bench.servers import DerpkitServer, free_port
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 
-pytest.importorskip("locust")
+# Never import locust here: importing it monkey-patches this whole process with gevent,
+# which breaks asyncio TLS in every later test. Locust runs in subprocesses only.
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 
 def _locust_cmd() -> list[str]:
