@@ -156,12 +156,18 @@ def build_node(cfg: ServeConfig) -> DerpNode:
     node.cert_provider = provider  # type: ignore[attr-defined]  # SIGHUP reloads it
     if cfg.rate_config:
         try:
-            rate, burst = load_rate_config(cfg.rate_config)
+            apply_rate_config(node, cfg.rate_config)
         except (OSError, ValueError) as e:
             raise StartupError(f"derper: loading rate config: {e}") from None
-        node.server.set_rate_limit(rate, burst)
-        log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
     return node
+
+
+def apply_rate_config(node: DerpNode, path: str) -> None:
+    """Load -rate-config and apply it to every connection; logs what is in force."""
+    rate, burst = load_rate_config(path)
+    node.server.set_rate_limit(rate, burst)
+    applied = node.server.rate_limit or (0, 0)
+    log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", *applied)
 
 
 async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
@@ -174,13 +180,11 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
         def reload_rate() -> None:
             log.info("derper: received SIGHUP, reloading rate config from %s", cfg.rate_config)
             try:
-                rate, burst = load_rate_config(cfg.rate_config)
+                apply_rate_config(node, cfg.rate_config)
             except (OSError, ValueError) as e:
                 log.warning("derper: rate config reload failed: %s", e)
                 return
-            node.server.set_rate_limit(rate, burst)
             log.info("derper: rate config reloaded successfully")
-            log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
 
     provider = getattr(node, "cert_provider", None)
 
