@@ -153,7 +153,7 @@ def build_node(cfg: ServeConfig) -> DerpNode:
         acme_http01=provider.acme_http01 if provider is not None else None,
     )
     node = DerpNode(opts)
-    node.cert_provider = provider  # type: ignore[attr-defined]  # SIGHUP reloads it
+    node.cert_provider = provider
     if cfg.rate_config:
         try:
             apply_rate_config(node, cfg.rate_config)
@@ -170,7 +170,7 @@ def apply_rate_config(node: DerpNode, path: str) -> None:
     log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", *applied)
 
 
-async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
+async def serve(cfg: ServeConfig) -> int:
     node = build_node(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -186,7 +186,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
                 return
             log.info("derper: rate config reloaded successfully")
 
-    provider = getattr(node, "cert_provider", None)
+    provider = node.cert_provider
 
     def on_sighup() -> None:
         # One handler for everything SIGHUP reloads: -rate-config and the certificate.
@@ -204,12 +204,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> int:
         await node.start()
     except OSError as e:
         raise StartupError(f"derper: {e}") from None
-    if node.stun is not None:
-        pass  # the STUN module logs its own listening line
     extra = f"; plain HTTP (-http-port) on port {node.http_port}" if node.http_port is not None else ""
     log.info("derpkit: server public key %s; DERP on port %d%s", node.public_key, node.port, extra)
-    if ready is not None:
-        ready.set()
     await stop.wait()
     log.info("derpkit: shutting down; telling %d clients to reconnect", len(node.server.conns))
     await node.stop(graceful=True)

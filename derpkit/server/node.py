@@ -83,6 +83,8 @@ class DerpNode:
         self.listener: asyncio.AbstractServer | None = None
         self.stun: Any = None
         self.mesh: list[Any] = []
+        #: The certificate provider in TLS mode, kept so SIGHUP can ask it to reload.
+        self.cert_provider: Any = None
         self.port = 0
         self.port80: asyncio.AbstractServer | None = None
         self.port80_runner: web.AppRunner | None = None
