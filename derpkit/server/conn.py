@@ -163,7 +163,8 @@ class ClientConn(asyncio.Protocol):
         self.server.conns.discard(self)
         if was_running:
             self.server.unregister(self)
-        if self.server.debug_logs or reason not in ("eof", "read_error", "shutdown"):
+        if self.server.debug_logs:
+            # Every non-routine close already logged its one line where it was decided.
             who = str(self.key) if self.key else f"{self.remote}"
             log.info("derp: %s closed: %s", who, reason)
 
@@ -504,6 +505,7 @@ class ClientConn(asyncio.Protocol):
         if self._ping_sent > 0 and self.last_recv < self._ping_sent:
             self.server.stats.dead_clients_closed += 1
             self.server.stats.conn_errors["dead_client"] += 1
+            log.info("derp: %s: no answer to a liveness ping for %.0fs; closing", self.key, silent)
             self.close("dead_client", abort=True)
             return
         self._ping_sent = 0.0

@@ -231,6 +231,7 @@ class DerpServer:
         if cs is None:
             log.info("derp: close peer %s: not connected here", NodePublic(key))
             return
+        log.info("derp: closing %d connection(s) of %s at a mesh peer's request", len(cs.conns), NodePublic(key))
         for c in list(cs.conns):
             c.close("closed_by_mesh_peer")
 
