@@ -165,7 +165,9 @@ def flood(srv: Server, gen: Generator, cfg: argparse.Namespace, size: int,
     return r, cpu, cpu / max(min(wall, r["wall_seconds"]), 1e-9)
 
 
-def measure(make: Any, gen: Generator, cfg: argparse.Namespace, log: Any) -> Result:
+def measure(make: Any, gen: Generator, cfg: argparse.Namespace, log: Any,
+            lat_rate: float | None = None) -> Result:
+    """All figures for one server; latency at ``lat_rate`` packets/s, else 50 % of its peak."""
     res = Result()
     f, n = res.figures, res.notes
     srv: Server = make()
@@ -197,8 +199,8 @@ def measure(make: Any, gen: Generator, cfg: argparse.Namespace, log: Any) -> Res
             n[f"pps{size}"] = f"offered {offered:,.0f}/s; " + gen_note(r, gen, util)
             if size == 1200:
                 sat = r["pps"]
-        rate = max(100.0, 0.5 * sat)
-        log(f"  latency at {rate:,.0f} packets/s (50% of saturation)")
+        rate = lat_rate or max(100.0, 0.5 * sat)
+        log(f"  latency at {rate:,.0f} packets/s" + ("" if lat_rate else " (50% of saturation)"))
         r, cpu, util = flood(srv, gen, cfg, 1200, rate)
         for p, k in ((0.5, "p50"), (0.99, "p99"), (0.999, "p999")):
             v = percentile(r["hist"], p)
@@ -282,14 +284,15 @@ ROWS = [
 ]
 
 
-def table(results: dict[str, Result], cfg: argparse.Namespace) -> str:
+def table(results: dict[str, Result], cfg: argparse.Namespace,
+          rows: list[tuple[str, str, str, bool]] | None = None) -> str:
     names = list(results)
     idle = list(cfg.idle) + [0, 0]
     header = ["figure", *names]
     header += [f"{names[0]} / {other}" for other in names[1:]]
     header.append("notes (generator CPU share; what limited it)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, label, fmt, _ in ROWS:
+    for key, label, fmt, _ in rows or ROWS:
         k = key
         if key == "idle1":
             k = f"idle{idle[0]}"
