@@ -52,6 +52,11 @@ _PONG_HDR = F.header(FrameType.PONG, 8)
 _PING_HDR = F.header(FrameType.PING, 8)
 _PEER_GONE_HDR = F.header(FrameType.PEER_GONE, KEY_LEN + 1)
 _HANDSHAKE, _ADMITTING, _RUNNING, _CLOSED = range(4)
+#: Reads at least this large count towards the per-turn read budget (small reads cannot
+#: add up to a flood within one turn, so they skip the bookkeeping).
+_BIG_READ = 16 * 1024
+#: Bytes read from one client per event-loop turn before its reader waits a turn.
+READ_BUDGET = 64 * 1024
 
 
 class ClientConn(asyncio.Protocol):
@@ -62,7 +67,7 @@ class ClientConn(asyncio.Protocol):
         "not_ideal", "remote", "preferred", "created", "is_dup", "websocket",
         "_out", "_paused", "_qd", "_qr", "_timer", "_keepalive", "_early",
         "peer_gone_srcs", "_nh_tokens", "_nh_last", "_rate_tokens", "_rate_last",
-        "last_recv", "_ping_sent", "close_reason", "_loop", "_kj",
+        "last_recv", "_ping_sent", "close_reason", "_loop", "_kj", "_turn_in", "_turn_paused",
     )
 
     def __init__(
@@ -102,6 +107,8 @@ class ClientConn(asyncio.Protocol):
         self.last_recv = self.created
         self._ping_sent = 0.0
         self._kj = 0.0
+        self._turn_in = 0
+        self._turn_paused = False
         self.close_reason = ""
         self._loop = asyncio.get_running_loop()
 
@@ -193,6 +200,8 @@ class ClientConn(asyncio.Protocol):
                 self._handle_frames(before)
             self._fail(e)
             return
+        if len(data) >= _BIG_READ:
+            self._budget_read(len(data))
         if not frames:
             return
         self.last_recv = self._loop.time()
@@ -206,6 +215,30 @@ class ClientConn(asyncio.Protocol):
         else:
             assert self._early is not None
             self._early.extend(frames)
+
+    def _budget_read(self, n: int) -> None:
+        """Read at most about READ_BUDGET bytes from one client per event-loop turn.
+
+        libuv (uvloop) reads a busy socket up to 32 times per turn, so a flooding sender
+        could hand us megabytes at once; all of it would land in a few receivers' write
+        buffers in one batch, and everything after that batch would be head-dropped while
+        they drain. Pausing the reader until the next turn lets the writes go out first.
+        It never waits on a receiver, so a stuck receiver still cannot slow its senders.
+        """
+        if not self._turn_in:
+            self._loop.call_soon(self._next_turn)
+        self._turn_in += n
+        if self._turn_in >= READ_BUDGET and not self._turn_paused and hasattr(self.transport, "pause_reading"):
+            self._turn_paused = True
+            self.transport.pause_reading()
+
+    def _next_turn(self) -> None:
+        self._turn_in = 0
+        if self._turn_paused:
+            self._turn_paused = False
+            # Not while admission or a -rate-config pause holds frames: they resume it.
+            if self.state != _CLOSED and self._early is None:
+                self.transport.resume_reading()
 
     def _handshake(self, frames: list[tuple[int, bytes]]) -> None:
         ftype, payload = frames[0]

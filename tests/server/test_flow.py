@@ -1,0 +1,63 @@
+"""Flow control on the packet path: a flooding sender is read in turns, not all at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from derpkit.client import DerpClient
+from derpkit.protocol import frames as F
+from derpkit.protocol.handshake import ClientInfo, client_info_frame
+from derpkit.protocol.keys import NodePrivate
+from derpkit.server import conn as conn_mod
+
+from .helpers import RawConn, running_node
+
+COUNT = 4000
+
+# These run on uvloop, as ``derpkit serve`` does: libuv reads a busy socket several times
+# per event-loop turn, which is what made a flood arrive all at once.
+uvloop = pytest.importorskip("uvloop")
+
+
+async def _flood_delivered(node_port: int, receiver: DerpClient, size: int) -> int:
+    raw = await RawConn.open(node_port)
+    assert raw.server_key is not None
+    raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo()))
+    frame = F.SendPacket(receiver.public_key.raw, os.urandom(size)).encode()
+    raw.send(frame * COUNT)  # megabytes in one write: the kernel hands them over in big reads
+    got = 0
+    try:
+        async with asyncio.timeout(3):
+            while got < COUNT:
+                f = await receiver.recv()
+                if isinstance(f, F.RecvPacket):
+                    got += 1
+    except TimeoutError:
+        pass
+    raw.close()
+    return got
+
+
+async def _scenario(size: int) -> tuple[int, int]:
+    async with running_node() as node:
+        receiver = await DerpClient.connect(node.url)
+        got = await _flood_delivered(node.port, receiver, size)
+        return got, node.server.stats.dropped_packets[("queue_head", "other")]
+
+
+@pytest.mark.parametrize("size", [1200, 100])
+def test_flood_from_one_sender_is_delivered_to_a_prompt_reader(size: int) -> None:
+    got, dropped = uvloop.run(_scenario(size))
+    assert got == COUNT, (got, dropped)
+    assert dropped == 0
+
+
+def test_without_the_read_budget_the_same_flood_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control experiment: the budget is what keeps the previous test lossless."""
+    monkeypatch.setattr(conn_mod, "READ_BUDGET", 1 << 40)
+    got, dropped = uvloop.run(_scenario(1200))
+    assert dropped > 0
+    assert got < COUNT
