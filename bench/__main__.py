@@ -314,6 +314,34 @@ def table(results: dict[str, Result], cfg: argparse.Namespace,
     return "\n".join(lines)
 
 
+def plan_run(
+    generator: str, no_pin: bool, gen_procs: int | None, log: Any
+) -> tuple[int, str | None, str | None, Generator] | None:
+    """Pick CPUs (server on CPU 0, generator on the rest, via taskset) and the generator.
+
+    Returns (cpu count, server CPUs, generator CPUs, generator), or None when the Go
+    generator was demanded but cannot be built. Shared by every benchmark entry point so
+    they all pin and generate the same way.
+    """
+    ncpu = len(os.sched_getaffinity(0))
+    server_cpus = gen_cpus = None
+    gen_ncpu = ncpu
+    if ncpu >= 2 and not no_pin and shutil.which("taskset"):
+        server_cpus, gen_cpus = "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
+        gen_ncpu = ncpu - 1
+    binary = build_derpgen() if generator in ("auto", "go") else None
+    if generator == "go" and binary is None:
+        log("bench: --generator go but derpgen could not be built")
+        return None
+    if binary:
+        gen = Generator([binary], "derpgen (Go, tailscale.com/derp client)", gen_cpus, gen_ncpu,
+                        gen_procs or 1)
+    else:
+        gen = Generator([sys.executable, "-m", "bench.pygen"], "pygen (Python, uvloop)",
+                        gen_cpus, gen_ncpu, gen_procs or gen_ncpu)
+    return ncpu, server_cpus, gen_cpus, gen
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,22 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    ncpu = len(os.sched_getaffinity(0))
-    server_cpus = gen_cpus = None
-    gen_ncpu = ncpu
-    if ncpu >= 2 and not cfg.no_pin and shutil.which("taskset"):
-        server_cpus, gen_cpus = "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
-        gen_ncpu = ncpu - 1
-    binary = build_derpgen() if cfg.generator in ("auto", "go") else None
-    if cfg.generator == "go" and binary is None:
-        log("bench: --generator go but derpgen could not be built")
+    plan = plan_run(cfg.generator, cfg.no_pin, cfg.gen_procs, log)
+    if plan is None:
         return 2
-    if binary:
-        gen = Generator([binary], "derpgen (Go, tailscale.com/derp client)", gen_cpus, gen_ncpu,
-                        cfg.gen_procs or 1)
-    else:
-        gen = Generator([sys.executable, "-m", "bench.pygen"], "pygen (Python, uvloop)",
-                        gen_cpus, gen_ncpu, cfg.gen_procs or gen_ncpu)
+    ncpu, server_cpus, gen_cpus, gen = plan
     makers: dict[str, Any] = {}
     for s in cfg.servers.split(","):
         s = s.strip()

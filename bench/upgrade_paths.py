@@ -23,14 +23,12 @@ See docs/benchmarks.md, "Why the front door: DERP outside aiohttp".
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
 import time
 from typing import Any
 
-from .__main__ import Generator, Result, build_derpgen, measure, table
+from .__main__ import Result, measure, plan_run, table
 from .servers import DerpkitServer, raise_nofile
 
 ALT_MODULE = "bench.alt_aiohttp_server"
@@ -109,21 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    ncpu = len(os.sched_getaffinity(0))
-    server_cpus = gen_cpus = None
-    gen_ncpu = ncpu
-    if ncpu >= 2 and not cfg.no_pin and shutil.which("taskset"):
-        server_cpus, gen_cpus = "0", f"1-{ncpu - 1}" if ncpu > 2 else "1"
-        gen_ncpu = ncpu - 1
-    binary = build_derpgen() if cfg.generator in ("auto", "go") else None
-    if cfg.generator == "go" and binary is None:
-        log("bench: --generator go but derpgen could not be built")
+    plan = plan_run(cfg.generator, cfg.no_pin, None, log)
+    if plan is None:
         return 2
-    if binary:
-        gen = Generator([binary], "derpgen (Go, tailscale.com/derp client)", gen_cpus, gen_ncpu, 1)
-    else:
-        gen = Generator([sys.executable, "-m", "bench.pygen"], "pygen (Python, uvloop)",
-                        gen_cpus, gen_ncpu, gen_ncpu)
+    ncpu, server_cpus, gen_cpus, gen = plan
     extra = ["-stun=false"]
     makers: dict[str, Any] = {
         FRONT: lambda: DerpkitServer(server_cpus, extra),

@@ -116,12 +116,16 @@ class DerpUser(User):
             context={},
         )
 
+    def next_source(self) -> tuple[str, int] | None:
+        """The next local address from --derp-source-ips, round robin (None: let the OS pick)."""
+        if not self.sources:
+            return None
+        DerpUser._src_next += 1
+        return (self.sources[DerpUser._src_next % len(self.sources)], 0)
+
     def connect(self, url: str | None = None, name: str = "connect") -> BlockingDerpClient | None:
         """Connect and fire one event; returns None (event failed) on error."""
-        src = None
-        if self.sources:
-            DerpUser._src_next += 1
-            src = (self.sources[DerpUser._src_next % len(self.sources)], 0)
+        src = self.next_source()
         t0 = time.perf_counter()
         try:
             c = BlockingDerpClient.connect(
@@ -298,10 +302,7 @@ class Churner(DerpUser):
 
     @task
     def churn(self) -> None:
-        src = None
-        if self.sources:
-            DerpUser._src_next += 1
-            src = (self.sources[DerpUser._src_next % len(self.sources)], 0)
+        src = self.next_source()
         t0 = time.perf_counter()
         try:
             c = BlockingDerpClient.connect(

@@ -62,7 +62,10 @@ async def start_serve(*args: str, env: dict[str, str] | None = None, timeout: fl
                 if m := _PORT_RE.search(line):
                     port = int(m.group(1))
     except BaseException:
-        proc.kill()
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass  # it already exited: that is usually what we are reporting
         await proc.wait()
         raise
     sp = ServeProc(proc, port, stun, lines)
