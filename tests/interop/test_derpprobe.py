@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from derpkit.protocol.keys import MeshKey
+from derpkit.protocol.keys import MeshKey, NodePrivate
 from derpkit.server.node import DerpNode, NodeOptions
 from tests.goderper import require_go_tool
 
@@ -143,3 +143,33 @@ async def test_go_derp_client_accepts_ip_only_node_pinned_by_certname(tmp_path, 
 
 
 pytestmark = pytest.mark.timeout(90)
+
+
+async def test_go_client_reads_our_meta_certificate_and_uses_fast_start(tmp_path, test_ca: TestCA) -> None:
+    """derpkit's own certificate path (``certs.py``: derper's self-signed IP certificate plus
+    the meta-certificate at the end of the chain), pinned by the CertName derpkit logs.
+
+    A Go DERP client that finds the meta-certificate in a TLS 1.3 handshake skips the 101
+    and sends ``Derp-Fast-Start: 1``; our front door counts those upgrades, so this shows a
+    real Go client both accepting the pin and reading the server key from our chain.
+    """
+    from derpkit.server import certs
+
+    derpprobe = require_go_tool("derpprobe")
+    provider = certs.ManualCertProvider(str(tmp_path / "certs"), "127.0.0.1", poll_interval=0)
+    key = NodePrivate.generate()
+    node = DerpNode(NodeOptions(ssl_context=provider.ssl_context(key.public()), private_key=key))
+    await node.start()
+    try:
+        m = derp_map(902, "meta", [_node_entry("902a", node, host="127.0.0.1", IPv6="none",
+                                               CertName=provider.cert_name)])
+        url = write_map(tmp_path / "map.json", m)
+        run = await run_go([derpprobe, "-once", "-derp-map", url, "-spread=false", "-interval",
+                            "5s", "-tls-interval", "0", "-stun-interval", "0", "-mesh-interval",
+                            "0", "-bw-interval", "5s", "-bw-probe-size-bytes", "4096"],
+                           env=go_env(test_ca), timeout=30)
+        good, _bad = probe_lines(run.output)
+        assert "derp/meta/902a/902a/bw" in good, run.output
+        assert node.server.stats.fast_start_accepts >= 1, run.output
+    finally:
+        await node.stop()
