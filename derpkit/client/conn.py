@@ -880,6 +880,17 @@ class DerpClient:
         self, src: NodePublic | bytes, dst: NodePublic | bytes, data: bytes
     ) -> None:
         """Mesh only: deliver ``data`` to ``dst`` as if ``src`` had sent it to that server."""
+        self.forward_packet_nowait(src, dst, data)
+        await self._drain()
+
+    def forward_packet_nowait(
+        self, src: NodePublic | bytes, dst: NodePublic | bytes, data: bytes
+    ) -> None:
+        """``forward_packet`` without waiting for the socket to drain.
+
+        For a server's mesh link, which forwards from synchronous routing code and must not
+        block it; check ``write_stalled`` to notice a peer that stopped reading.
+        """
         if len(data) > MAX_PACKET_SIZE:
             raise ValueError(
                 f"packet of {len(data)} bytes exceeds the DERP maximum of {MAX_PACKET_SIZE}"
@@ -887,7 +898,12 @@ class DerpClient:
         s = src.raw if isinstance(src, NodePublic) else src
         d = dst.raw if isinstance(dst, NodePublic) else dst
         self._write(ForwardPacket(s, d, data).encode())
-        await self._drain()
+
+    @property
+    def write_stalled(self) -> bool:
+        """True while the transport refuses more data (the peer is not reading)."""
+        b = self._backend
+        return b is not None and b.write_paused
 
     async def note_preferred(self, preferred: bool) -> None:
         """Tell the server whether it is our home DERP (statistics only)."""

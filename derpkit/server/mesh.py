@@ -85,19 +85,17 @@ class MeshLink:
             self.forward_errors += 1
             return
         try:
-            c._write(F.ForwardPacket(src, dst, data).encode())  # noqa: SLF001 - sync hot path
+            c.forward_packet_nowait(src, dst, data)
         except Exception:
             self.forward_errors += 1
             return
         self.forwarded += 1
-        backend = c._backend  # noqa: SLF001
-        if backend is not None and backend.write_paused and self._stall is None:
+        if c.write_stalled and self._stall is None:
             self._stall = asyncio.get_running_loop().call_later(FORWARD_WRITE_TIMEOUT, self._stalled, c)
 
     def _stalled(self, c: DerpClient) -> None:
         self._stall = None
-        backend = c._backend  # noqa: SLF001
-        if backend is not None and backend.write_paused:
+        if c.write_stalled:
             log.warning("mesh %s: forward write stalled for %ss; reconnecting", self.host, FORWARD_WRITE_TIMEOUT)
             asyncio.get_running_loop().create_task(c.close())
 
