@@ -230,6 +230,7 @@ class ClientConn(asyncio.Protocol):
         self._turn_in += n
         if self._turn_in >= READ_BUDGET and not self._turn_paused and hasattr(self.transport, "pause_reading"):
             self._turn_paused = True
+            self.server.stats.read_budget_pauses += 1
             self.transport.pause_reading()
 
     def _next_turn(self) -> None:

@@ -58,6 +58,7 @@ class Stats:
         self.restarting_frames = 0
         self.server_pings_sent = 0
         self.dead_clients_closed = 0
+        self.read_budget_pauses = 0
         self.v1_recv_packets = 0
         self.average_queue_duration_ms = 0.0
         # Frames per socket write: index n counts flushes of n frames (the last slot: more).
@@ -208,6 +209,8 @@ def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
     yield counter("derpkit_restarting_frames", s.restarting_frames, "Restarting frames sent on graceful shutdown")
     yield counter("derpkit_server_pings_sent", s.server_pings_sent, "liveness pings sent to silent clients")
     yield counter("derpkit_dead_clients_closed", s.dead_clients_closed, "clients closed for not answering liveness pings")
+    yield counter("derpkit_read_budget_pauses", s.read_budget_pauses,
+                  "times a client's reader waited a loop turn after reading READ_BUDGET bytes in one")
     yield counter("derpkit_v1_recv_packets", s.v1_recv_packets, "packets relayed in the v1 layout (zero source key)")
     yield gauge("derpkit_resident_memory_bytes", rss_bytes())
 

@@ -41,23 +41,30 @@ async def _flood_delivered(node_port: int, receiver: DerpClient, size: int) -> i
     return got
 
 
-async def _scenario(size: int) -> tuple[int, int]:
+async def _scenario(size: int) -> tuple[int, int, int]:
     async with running_node() as node:
         receiver = await DerpClient.connect(node.url)
         got = await _flood_delivered(node.port, receiver, size)
-        return got, node.server.stats.dropped_packets[("queue_head", "other")]
+        stats = node.server.stats
+        return got, stats.dropped_packets[("queue_head", "other")], stats.read_budget_pauses
 
 
 @pytest.mark.parametrize("size", [1200, 100])
 def test_flood_from_one_sender_is_delivered_to_a_prompt_reader(size: int) -> None:
-    got, dropped = uvloop.run(_scenario(size))
-    assert got == COUNT, (got, dropped)
+    got, dropped, pauses = uvloop.run(_scenario(size))
+    assert got == COUNT, (got, dropped, pauses)
     assert dropped == 0
+    # The budget did engage: megabytes cannot arrive without a 64 KiB turn being reached.
+    assert pauses > 0
 
 
-def test_without_the_read_budget_the_same_flood_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The control experiment: the budget is what keeps the previous test lossless."""
+def test_without_the_read_budget_the_reader_never_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: with the budget out of reach the same flood is read without pauses.
+
+    Whether that flood then overflows the receiver's queue depends on how the kernel and
+    libuv slice the reads on the day, so the control checks the mechanism, not the loss
+    (an earlier version asserted loss and failed on a quiet CI machine).
+    """
     monkeypatch.setattr(conn_mod, "READ_BUDGET", 1 << 40)
-    got, dropped = uvloop.run(_scenario(1200))
-    assert dropped > 0
-    assert got < COUNT
+    _got, _dropped, pauses = uvloop.run(_scenario(1200))
+    assert pauses == 0
