@@ -35,7 +35,7 @@ from derpkit.protocol.errors import ProtocolError
 from derpkit.protocol.handshake import ClientInfo, open_client_info, server_info_frame
 from derpkit.protocol.keys import NodePublic
 
-from .metrics import WRITE_BATCH_SLOTS
+from .metrics import WRITE_BATCH_SLOTS, tls_version_label
 
 if TYPE_CHECKING:
     from .derp import DerpServer
@@ -68,6 +68,7 @@ class ClientConn(asyncio.Protocol):
         "_out", "_paused", "_qd", "_qr", "_timer", "_keepalive", "_early",
         "peer_gone_srcs", "_nh_tokens", "_nh_last", "_rate_tokens", "_rate_last",
         "last_recv", "_ping_sent", "close_reason", "_loop", "_kj", "_turn_in", "_turn_paused",
+        "tcp_sock", "rtt_due", "_mesh_batch", "_tls_label",
     )
 
     def __init__(
@@ -109,6 +110,10 @@ class ClientConn(asyncio.Protocol):
         self._kj = 0.0
         self._turn_in = 0
         self._turn_paused = False
+        self.tcp_sock: Any = None  # set by the RTT sampler once it can read TCP_INFO
+        self.rtt_due = 0.0
+        self._mesh_batch = 0
+        self._tls_label: str | None = None
         self.close_reason = ""
         self._loop = asyncio.get_running_loop()
 
@@ -120,7 +125,15 @@ class ClientConn(asyncio.Protocol):
         if hasattr(transport, "set_write_buffer_limits"):
             transport.set_write_buffer_limits(high=256 * 1024)
         self.server.conns.add(self)
-        self.server.stats.accepts += 1
+        stats = self.server.stats
+        stats.accepts += 1
+        # derper counts the /derp request by TLS version and keeps it "active" for the
+        # whole session; WebSocket sessions are counted by the HTTP middleware instead.
+        if not self.websocket:
+            label = self._tls_label = tls_version_label(transport)
+            if label is not None:
+                stats.tls_request_version[label] += 1
+                stats.tls_active_version[label] += 1
         transport.write(preamble + self.server.server_key_frame)
         self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         if initial:
@@ -168,6 +181,10 @@ class ClientConn(asyncio.Protocol):
                 q.clear()
         self._out = None
         self.server.conns.discard(self)
+        if self._tls_label is not None:
+            stats.tls_active_version[self._tls_label] -= 1
+            self._tls_label = None
+        self.tcp_sock = None
         if was_running:
             self.server.unregister(self)
         if self.server.debug_logs:
@@ -297,6 +314,7 @@ class ClientConn(asyncio.Protocol):
             self._rate_last = self._loop.time()
         server.register(self)
         self._write(server_info_frame(server.private_key, self.key, server.server_info))
+        server.rtt.add(self)
         self._schedule_keepalive()
         early, self._early = self._early, None
         if early:
@@ -472,6 +490,36 @@ class ClientConn(asyncio.Protocol):
             self._nh_tokens -= 1.0
             self.send_peer_gone(key, PeerGoneReason.NOT_HERE)
 
+    def send_mesh_update(self, frame: bytes) -> None:
+        """A PeerPresent/PeerGone for a watcher; one loop turn's worth is one batch.
+
+        derper drains a watcher's pending updates in batches and records each batch's size
+        and the drains per wake-up; our writes are already batched per loop turn, so a turn
+        is a batch and every drain takes exactly one loop.
+        """
+        if self.state != _RUNNING:
+            return
+        self._write(frame)
+        self._count_mesh_update()
+
+    def send_mesh_gone(self, key: bytes) -> None:
+        """A watcher's PeerGone(Disconnected): counted as a frame and as a mesh update."""
+        if self.state != _RUNNING:
+            return
+        self.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
+        self._count_mesh_update()
+
+    def _count_mesh_update(self) -> None:
+        if not self._mesh_batch:
+            self._loop.call_soon(self._mesh_batch_done)
+        self._mesh_batch += 1
+
+    def _mesh_batch_done(self) -> None:
+        stats = self.server.stats
+        stats.mesh_update_batch.observe(self._mesh_batch)
+        stats.mesh_update_loops.observe(1)
+        self._mesh_batch = 0
+
     def send_frame(self, data: bytes) -> None:
         """Write any pre-encoded frame (watcher updates, Restarting, Health)."""
         if self.state == _RUNNING:
@@ -549,6 +597,10 @@ class ClientConn(asyncio.Protocol):
             self.server.stats.server_pings_sent += 1
 
     # ------------------------------------------------------------------ mesh view
+
+    @property
+    def running(self) -> bool:
+        return self.state == _RUNNING
 
     def peer_present_frame(self) -> bytes:
         flags = 0

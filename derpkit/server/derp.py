@@ -35,6 +35,7 @@ from derpkit.protocol.keys import MeshKey, NodePrivate, NodePublic
 from .conn import ClientConn
 from .metrics import Stats
 from .registry import ClientSet, Forwarder, ForwarderTable
+from .rtt import RttSampler
 
 log = logging.getLogger("derpkit.server")
 
@@ -93,6 +94,7 @@ class DerpServer:
         self.clients: dict[bytes, ClientSet[ClientConn]] = {}
         self.forwarders = ForwarderTable()
         self.watchers: set[ClientConn] = set()
+        self.rtt = RttSampler(self)
         self.peer_gone_subs: dict[bytes, set[ClientConn]] = {}
         self.closing = False
 
@@ -112,7 +114,7 @@ class DerpServer:
         if self.watchers:
             frame = conn.peer_present_frame()
             for w in self.watchers:
-                w.send_frame(frame)
+                w.send_mesh_update(frame)
 
     def unregister(self, conn: ClientConn) -> None:
         key = conn.key_raw
@@ -131,7 +133,7 @@ class DerpServer:
         if cs.remove(conn):
             del self.clients[key]
             for w in self.watchers:
-                w.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
+                w.send_mesh_gone(key)
             if self.forwarders.get(key) is None:
                 self._peer_gone_from_region(key)
         elif not cs.is_dup:
@@ -223,7 +225,7 @@ class DerpServer:
             return  # a server meshed with itself
         for cs in self.clients.values():
             if cs.active is not None:
-                conn.send_frame(cs.active.peer_present_frame())
+                conn.send_mesh_update(cs.active.peer_present_frame())
         self.watchers.add(conn)
 
     def close_peer(self, key: bytes) -> None:
@@ -293,6 +295,7 @@ class DerpServer:
         it come back at once instead of waiting for a read timeout.
         """
         self.closing = True
+        self.rtt.stop()
         notice = int(self.restart_notice * 1000)
         conns = list(self.conns)
         if notice > 0:

@@ -59,6 +59,14 @@ class Stats:
         self.server_pings_sent = 0
         self.dead_clients_closed = 0
         self.read_budget_pauses = 0
+        # derper's watcher-update histograms: updates per drained batch, batches per drain.
+        self.mesh_update_batch = Observations(MESH_UPDATE_BATCH_BUCKETS)
+        self.mesh_update_loops = Observations(MESH_UPDATE_LOOP_BUCKETS)
+        # Kernel TCP RTT samples by derper's label ("10ms" ... "inf", "non-tcp", "error").
+        self.tcp_rtt: collections.Counter[str] = collections.Counter()
+        # Requests over TLS by protocol version ("1.2", "1.3", ...); active ones as a gauge.
+        self.tls_request_version: collections.Counter[str] = collections.Counter()
+        self.tls_active_version: collections.Counter[str] = collections.Counter()
         self.v1_recv_packets = 0
         self.average_queue_duration_ms = 0.0
         # Frames per socket write: index n counts flushes of n frames (the last slot: more).
@@ -82,6 +90,45 @@ class Stats:
         self.average_queue_duration_ms = (
             0.9 * self.average_queue_duration_ms + 0.1 * seconds * 1000.0
         )
+
+
+class Observations:
+    """Counts per histogram bucket plus the sum, for the few histograms derper exports."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts: dict[float, int] = {}
+        self.total = 0.0
+
+    def observe(self, v: float) -> None:
+        bound = next((b for b in self.bounds if v <= b), float("inf"))
+        self.counts[bound] = self.counts.get(bound, 0) + 1
+        self.total += v
+
+
+#: derper's TCP RTT labels: a sample goes to the first bound it does not exceed (ms).
+TCP_RTT_LABELS = ((10, "10ms"), (20, "20ms"), (50, "50ms"), (100, "100ms"),
+                  (150, "150ms"), (250, "250ms"), (500, "500ms"))
+
+
+def tcp_rtt_label(rtt_us: int) -> str:
+    """The derp_tcp_rtt label for a kernel RTT in microseconds; not cumulative, as derper's."""
+    ms = rtt_us / 1000
+    return next((label for bound, label in TCP_RTT_LABELS if ms <= bound), "inf")
+
+
+_TLS_LABELS = {"TLSv1": "1.0", "TLSv1.1": "1.1", "TLSv1.2": "1.2", "TLSv1.3": "1.3"}
+
+
+def tls_version_label(transport: object) -> str | None:
+    """derper's ``version`` label for a request's TLS connection; None when it is plain TCP."""
+    get = getattr(transport, "get_extra_info", None)
+    ssl_object = get("ssl_object") if get is not None else None
+    if ssl_object is None:
+        return None
+    return _TLS_LABELS.get(ssl_object.version() or "", "unknown")
 
 
 def rss_bytes() -> int:
@@ -188,14 +235,25 @@ def derp_families(server: DerpServer, rss0: int) -> Iterator[Family]:
         db.add(s.dropped_bytes[(reason, kind)], reason=reason, kind=kind)
     yield dp
     yield db
-    # Mesh update batching is not measured by derpkit (present, zero), see docs/operations.md.
-    yield histogram("derp_mesh_update_batch_size", MESH_UPDATE_BATCH_BUCKETS)
-    yield histogram("derp_mesh_update_loop_count", MESH_UPDATE_LOOP_BUCKETS)
+    for name, obs in (("derp_mesh_update_batch_size", s.mesh_update_batch),
+                      ("derp_mesh_update_loop_count", s.mesh_update_loops)):
+        yield histogram(name, obs.bounds, obs.counts, obs.total)
     yield histogram(
         "derp_buffered_write_frames", BUFFERED_WRITE_BUCKETS, write_batch_counts(s),
         s.write_batch_frames, "frames written per socket write",
     )
-    yield Family("derp_tcp_rtt", "counter", "TCP RTT samples by bucket (not sampled by derpkit yet)")
+    rtt = Family("derp_tcp_rtt", "counter", "kernel TCP RTT of each client, sampled every 10 s, by bucket")
+    for label, v in sorted(s.tcp_rtt.items()):
+        rtt.add(v, le=label)
+    yield rtt
+    req = Family("derper_tls_request_version", "untyped", "HTTP requests over TLS, by TLS version")
+    for label, v in sorted(s.tls_request_version.items()):
+        req.add(v, version=label)
+    yield req
+    act = Family("derper_tls_active_version", "gauge", "requests over TLS in flight (DERP sessions included), by TLS version")
+    for label, v in sorted(s.tls_active_version.items()):
+        act.add(v, version=label)
+    yield act
     if server.rate_limit is not None:
         rate, burst = server.rate_limit
         yield Family("derp_rate_limit_per_client_bytes_per_second", "untyped", "per-client rate").add(rate)
@@ -286,6 +344,53 @@ def process_families(started: float) -> Iterator[Family]:
     bt = boot_time()
     if bt:
         yield Family("node_boot_time_seconds", "untyped", "machine boot time").add(bt)
+    yield from standard_process_families(bt)
+
+
+def _proc_stat() -> list[str]:
+    """Fields of /proc/self/stat after the command name (which may contain spaces)."""
+    with open("/proc/self/stat") as f:
+        return f.read().rpartition(")")[2].split()
+
+
+def _net_dev_totals() -> tuple[int, int]:
+    """Bytes received and sent on every interface of this process's network namespace."""
+    rx = tx = 0
+    with open("/proc/self/net/dev") as f:
+        for line in f.readlines()[2:]:
+            cols = line.partition(":")[2].split()
+            if len(cols) >= 9:
+                rx += int(cols[0])
+                tx += int(cols[8])
+    return rx, tx
+
+
+def standard_process_families(boot: int) -> Iterator[Family]:
+    """The Prometheus client libraries' ``process_*`` set, which derper exports too.
+
+    Dashboards for any Prometheus-instrumented service use these names (CPU, memory, file
+    descriptors), so an operator's generic panels work on derpkit unchanged. Linux only,
+    like the collector derper uses; on other systems the set is left out.
+    """
+    try:
+        stat = _proc_stat()
+        rx, tx = _net_dev_totals()
+    except (OSError, ValueError):
+        return
+    ticks = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    yield counter("process_cpu_seconds_total", t.user + t.system, "user and system CPU time (seconds)")
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    yield gauge("process_max_fds", nofile if nofile >= 0 else 2**64 - 1, "file descriptor limit")
+    yield counter("process_network_receive_bytes_total", rx, "bytes received by the network namespace")
+    yield counter("process_network_transmit_bytes_total", tx, "bytes sent by the network namespace")
+    yield gauge("process_open_fds", open_fds(), "open file descriptors")
+    yield gauge("process_resident_memory_bytes", rss_bytes(), "resident memory (bytes)")
+    # starttime is the 22nd field of stat; after the ")" split it is index 19.
+    yield gauge("process_start_time_seconds", boot + int(stat[19]) / ticks, "start time since the epoch (seconds)")
+    yield gauge("process_virtual_memory_bytes", int(stat[20]), "virtual memory size (bytes)")
+    vmax = resource.getrlimit(resource.RLIMIT_AS)[0]
+    yield gauge("process_virtual_memory_max_bytes", vmax if vmax >= 0 else 2**64 - 1, "address space limit (bytes)")
 
 
 MetricsSource = Callable[[], Iterable[Family]]

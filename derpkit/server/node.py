@@ -27,6 +27,29 @@ from .http import HttpOptions, build_app
 log = logging.getLogger("derpkit.server")
 
 
+def tls_version_middleware(stats: metrics.Stats) -> Any:
+    """derper's per-request TLS version counters for every request aiohttp serves.
+
+    A request stays "active" until its handler returns, so a WebSocket DERP session
+    counts as active for its whole life, as in derper. Plain /derp upgrades never reach
+    aiohttp; ClientConn counts those.
+    """
+
+    @web.middleware
+    async def count_tls_version(request: web.Request, handler: Any) -> web.StreamResponse:
+        label = metrics.tls_version_label(request.transport)
+        if label is None:
+            return await handler(request)
+        stats.tls_request_version[label] += 1
+        stats.tls_active_version[label] += 1
+        try:
+            return await handler(request)
+        finally:
+            stats.tls_active_version[label] -= 1
+
+    return count_tls_version
+
+
 @dataclass
 class NodeOptions:
     host: str = "127.0.0.1"
@@ -107,10 +130,11 @@ class DerpNode:
         return self.stun.sockname[1] if self.stun is not None else None
 
     def stun_families(self) -> Iterable[metrics.Family]:
-        # Present (zero) even without STUN, as derper's expvars always are.
-        counts = self.stun.counts if self.stun is not None else {
-            ("requests", d): 0 for d in ("not_stun", "read_error", "success", "write_error")
-        } | {("addrfamily", f): 0 for f in ("ipv4", "ipv6")}
+        # Every label derper creates is present (zero) from the start, with or without STUN.
+        counts = {("requests", d): 0 for d in ("not_stun", "read_error", "success", "write_error")}
+        counts |= {("addrfamily", f): 0 for f in ("ipv4", "ipv6")}
+        if self.stun is not None:
+            counts |= dict(self.stun.counts)
         req = metrics.Family("stun_requests", "counter", "STUN requests by disposition")
         fam = metrics.Family("stun_addrfamily", "counter", "answered STUN requests by address family")
         for (kind, label), v in sorted(counts.items()):
@@ -126,6 +150,7 @@ class DerpNode:
         http_opts = o.http
         http_opts.metrics_sources = [self.stun_families, *o.extra_metrics, *http_opts.metrics_sources]
         app = build_app(self.server, http_opts)
+        app.middlewares.insert(0, tls_version_middleware(self.server.stats))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         factory = self.runner.server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 
 from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
@@ -152,3 +153,38 @@ async def test_self_mesh_is_detected() -> None:
         assert link.task is not None
         await asyncio.wait_for(link.task, 5)  # returns by itself: no loop with ourselves
         assert node.server.gauges()["watchers"] == 0
+
+
+def _hist(node, name: str) -> tuple[dict[str, int], float, int]:  # noqa: ANN001
+    from derpkit.server.metrics import derp_families, render
+
+    text = render(derp_families(node.server, 0))
+    buckets = {m[0]: int(m[1]) for m in re.findall(rf'^{name}_bucket\{{le="([^"]+)"\}} (\d+)$', text, re.M)}
+    total = float(re.search(rf"^{name}_sum (\S+)$", text, re.M)[1])  # type: ignore[index]
+    count = int(re.search(rf"^{name}_count (\S+)$", text, re.M)[1])  # type: ignore[index]
+    return buckets, total, count
+
+
+async def test_watcher_updates_recorded_as_derper_batches() -> None:
+    """derp_mesh_update_batch_size / _loop_count: the initial dump is one batch, then one per change."""
+    async with running_node(mesh_key=MESH) as node:
+        others = [await DerpClient.connect(node.url) for _ in range(3)]
+        watcher = await DerpClient.connect(node.url, mesh_key=MESH, watch_conns=True)
+        for _ in range(4):  # three clients and the watcher itself, in one batch
+            await recv_kind(watcher, F.PeerPresent)
+        await asyncio.sleep(0.05)
+        buckets, total, count = _hist(node, "derp_mesh_update_batch_size")
+        assert (count, total) == (1, 4)
+        assert buckets["2"] == 0 and buckets["5"] == 1  # cumulative buckets: 4 falls in le=5
+        late = await DerpClient.connect(node.url)
+        await recv_kind(watcher, F.PeerPresent)
+        await late.close()
+        await recv_kind(watcher, F.PeerGone)
+        await asyncio.sleep(0.05)
+        buckets, total, count = _hist(node, "derp_mesh_update_batch_size")
+        assert (count, total) == (3, 6)
+        assert buckets["1"] == 2
+        loops, loop_total, loop_count = _hist(node, "derp_mesh_update_loop_count")
+        assert (loop_count, loop_total, loops["1"]) == (3, 3, 3)
+        for c in (*others, watcher):
+            await c.close()

@@ -1,13 +1,13 @@
 """/debug/varz carries every metric name of spec derp-protocol §9 (plus derpkit's own).
 
 The server is built by the same wiring as ``derpkit serve`` (parse_config → build_node),
-in TLS mode so the accept-limiter counters exist, with -rate-config so the rate metrics do.
-Not yet exported (see docs/operations.md): ``derper_tls_request_version`` and
-``derper_tls_active_version``.
+in TLS mode so the accept-limiter and TLS-version metrics exist, with -rate-config so the
+rate metrics do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -38,6 +38,7 @@ tls_listener_accepted_connections tls_listener_rejected_connections stun_request
 bootstrap_dns_requests bootstrap_dns_published_hits bootstrap_dns_published_misses
 bootstrap_dns_unpublished_hits bootstrap_dns_unpublished_misses bootstrap_dns_unpublished_percent_misses
 bootstrap_dns_queried_domains process_start_unix_time version uptime_sec goroutines node_boot_time_seconds
+derper_tls_request_version derper_tls_active_version
 """.split()
 
 DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
@@ -85,9 +86,16 @@ async def test_every_spec_name_present_with_types_and_live_values(tmp_path) -> N
     assert re.search(r"^derp_packets_sent 1$", text, re.M)
     assert re.search(r"^tls_listener_accepted_connections 3$", text, re.M)  # 2 DERP + this scrape
     assert re.search(r"^derp_rate_limit_per_client_bytes_per_second 1000000$", text, re.M)
+    # Both DERP sessions and this scrape were TLS 1.3 requests; only the scrape is in flight.
+    assert re.search(r'^derper_tls_request_version\{version="1.3"\} 3$', text, re.M)
+    assert re.search(r'^derper_tls_active_version\{version="1.3"\} 1$', text, re.M)
+    assert types["derper_tls_active_version"] == "gauge"
     assert re.search(r'^version\{version="[^"]+",binary="derpkit"\} 1$', text, re.M)
-    # Only "# HELP"/"# TYPE" comments and samples; no counter gets prometheus_client's _total.
-    assert "_total " not in text.replace("derp_clients_total ", "")
+    # No derper counter gets prometheus_client's _total; only the standard process_* set
+    # (which has it in Go too) and derp_clients_total (a gauge named so by derper) carry it.
+    totals = set(re.findall(r"^(\w+_total)[ {]", text, re.M))
+    assert totals == {"derp_clients_total", "process_cpu_seconds_total",
+                      "process_network_receive_bytes_total", "process_network_transmit_bytes_total"}
 
 
 async def test_plain_mode_has_no_tls_listener_metrics() -> None:
@@ -102,3 +110,46 @@ async def test_plain_mode_has_no_tls_listener_metrics() -> None:
     assert "tls_listener_" not in text  # derper: TLS mode only
     assert "derp_rate_limit_per_client" not in text  # only with -rate-config
     assert "# TYPE stun_requests counter" in text  # present even with -stun=false, as in derper
+
+
+def _insecure(max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if max_version is not None:
+        ctx.maximum_version = max_version
+    return ctx
+
+
+async def test_tls_versions_counted_per_request_and_sessions_stay_active(tmp_path) -> None:  # noqa: ANN001
+    """derper_tls_{request,active}_version: a DERP session (plain upgrade or WebSocket) is one
+    request that stays active until it ends; a TLS 1.2 client is labelled 1.2."""
+    cfg, _ = parse_config([
+        "-a", "127.0.0.1:0", "-c", str(tmp_path / "k"), "-stun=false",
+        "-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(tmp_path), "-http-port", "-1",
+    ], {})
+    node = build_node(cfg)
+    await node.start()
+    try:
+        stats = node.server.stats
+        old = await DerpClient.connect(node.url, ssl_context=_insecure(ssl.TLSVersion.TLSv1_2))
+        new = await DerpClient.connect(node.url, ssl_context=_insecure())
+        ws = await DerpClient.connect(node.url, ssl_context=_insecure(), websocket=True)
+        assert dict(stats.tls_request_version) == {"1.2": 1, "1.3": 2}
+        assert dict(stats.tls_active_version) == {"1.2": 1, "1.3": 2}
+        # Sessions over TLS are sampled for RTT through the TLS layer; WebSocket is not TCP.
+        assert dict(stats.tcp_rtt) == {"non-tcp": 1}
+        assert sum(c.tcp_sock is not None for c in node.server.conns) == 2
+        for c in (old, new, ws):
+            await c.close()
+        for _ in range(50):
+            if not any(stats.tls_active_version.values()):
+                break
+            await asyncio.sleep(0.02)
+        assert dict(stats.tls_active_version) == {"1.2": 0, "1.3": 0}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"https://127.0.0.1:{node.port}/derp/probe", ssl=_insecure(ssl.TLSVersion.TLSv1_2)) as r:
+                assert r.status == 200
+        assert dict(stats.tls_request_version) == {"1.2": 2, "1.3": 2}
+    finally:
+        await node.stop()
