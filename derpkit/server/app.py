@@ -129,7 +129,7 @@ def build_node(cfg: ServeConfig) -> DerpNode:
     extra_metrics += [dns.families, admission.families]
     http = HttpOptions(
         hostname=cfg.hostname, derp_enabled=cfg.derp, home=cfg.home, dev=cfg.dev,
-        bootstrap_dns=dns.handle, consistency_check=admission.self_check_list,
+        bootstrap_dns=dns.handle, consistency_check=admission.self_check_list, ace=cfg.ace,
     )
     opts = NodeOptions(
         host=cfg.listen_host,

@@ -5,6 +5,13 @@ transport, so relayed packets never pass through aiohttp's request machinery. Ev
 request (probes, the home page, metrics, WebSocket DERP) is handed, with the bytes read
 so far, to aiohttp's protocol on the same transport. See docs/protocol.md ("The packet
 path") and docs/benchmarks.md for the numbers behind this choice.
+
+A CONNECT is answered here as well, never by aiohttp (whose parser insists on a Host
+header and would swallow the connection as an upgrade). On the TLS listener it goes to
+derper's ACE rules (ace.py): 403 when disabled or for a bad target, 502 when the dial
+fails, a byte tunnel otherwise. On a plain listener derper's mux answers an
+authority-form CONNECT with 404. After an error answer the connection stays open for the
+next request, as Go's server keeps it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from derpkit.protocol import upgrade
 from derpkit.protocol.errors import ProtocolError
 
+from . import ace as acemod
 from .conn import ClientConn
 
 if TYPE_CHECKING:
@@ -31,7 +39,9 @@ HEAD_TIMEOUT = 30.0
 class FrontDoor(asyncio.Protocol):
     """Reads one HTTP request head and hands the connection to DERP or to aiohttp."""
 
-    __slots__ = ("server", "http_factory", "derp_enabled", "transport", "buf", "timer", "on_connect")
+    __slots__ = (
+        "server", "http_factory", "derp_enabled", "transport", "buf", "timer", "on_connect", "ace", "dialing", "skip",
+    )
 
     def __init__(
         self,
@@ -40,8 +50,15 @@ class FrontDoor(asyncio.Protocol):
         *,
         derp_enabled: bool = True,
         on_connect: Callable[[Any], bool] | None = None,
+        ace: acemod.Ace | None = None,
     ) -> None:
         self.server = server
+        #: ACE settings; None means "the server's" (ace.for_server), looked up per CONNECT.
+        self.ace = ace
+        #: The upstream dial of a CONNECT in progress (reading is paused meanwhile).
+        self.dialing: asyncio.Task[None] | None = None
+        #: Bytes of a refused CONNECT's body still to discard before the next request.
+        self.skip = 0
         self.http_factory = http_factory
         self.derp_enabled = derp_enabled
         self.on_connect = on_connect
@@ -65,22 +82,47 @@ class FrontDoor(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.dialing is not None:
+            self.dialing.cancel()
+            self.dialing = None
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        try:
-            parts = upgrade.split_head(self.buf)
-        except ProtocolError:
-            self._to_http()
+        if self.dialing is None:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        # A loop because a refused CONNECT leaves the connection open for another request.
+        while self.transport is not None:
+            if self.skip:
+                n = min(self.skip, len(self.buf))
+                self.buf = self.buf[n:]
+                self.skip -= n
+                if self.skip:
+                    return
+            try:
+                parts = upgrade.split_head(self.buf)
+            except ProtocolError:
+                self._to_http()
+                return
+            if parts is None:
+                return
+            head, rest = parts
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            request_line, _, header_block = head.partition(b"\r\n")
+            fields = request_line.split(b" ")
+            if len(fields) == 3 and fields[0] == b"CONNECT" and fields[2] in (b"HTTP/1.1", b"HTTP/1.0"):
+                lower = {k.lower(): v for k, v in _headers(header_block).items()}
+                if self._connect(fields[1], fields[2] == b"HTTP/1.0", lower, rest):
+                    continue
+                return
+            self._request(fields, header_block, rest)
             return
-        if parts is None:
-            return
-        head, rest = parts
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        request_line, _, header_block = head.partition(b"\r\n")
-        fields = request_line.split(b" ")
+
+    def _request(self, fields: list[bytes], header_block: bytes, rest: bytes) -> None:
         if len(fields) != 3 or not self.derp_enabled:
             self._to_http()
             return
@@ -88,12 +130,7 @@ class FrontDoor(asyncio.Protocol):
         if path != b"/derp":
             self._to_http()
             return
-        headers: dict[str, str] = {}
-        for line in header_block.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().decode("latin-1")] = value.strip().decode("latin-1")
-        decision = upgrade.decide(headers)
+        decision = upgrade.decide(_headers(header_block))
         if decision.kind is not upgrade.UpgradeKind.DERP:
             if decision.weird_upgrade:
                 log.info("derp: weird upgrade: %r", decision.weird_upgrade)
@@ -119,3 +156,91 @@ class FrontDoor(asyncio.Protocol):
         buf, self.buf = self.buf, b""
         if buf:
             proto.data_received(buf)
+
+    # ------------------------------------------------------------------ CONNECT
+
+    def _connect(self, uri: bytes, http10: bool, headers: dict[str, str], rest: bytes) -> bool:
+        """Answer a CONNECT (``headers`` keyed in lower case); True when the next request
+        in the buffer should be read now."""
+        t = self.transport
+        tls = t.get_extra_info("ssl_object") is not None
+        length = headers.get("content-length", "0")
+        if not acemod.request_uri_ok(uri) or not length.isdigit():
+            # Go's server rejects these before any handler, and hangs up.
+            t.write(acemod.GO_BAD_REQUEST)
+            t.close()
+            return False
+        if not tls and b"/" in uri:
+            # derper's mux routes such a request by its path (home page, probes...);
+            # aiohttp answers it instead, a difference listed in docs/compat.md.
+            self._to_http()
+            return False
+        conn_tokens = {v.strip().lower() for v in headers.get("connection", "").split(",")}
+        # A chunked body is not worth parsing on a refused CONNECT: answer, then hang up.
+        close = http10 or "close" in conn_tokens or "transfer-encoding" in headers
+        self.buf = rest
+        if not tls:
+            return self._answer(acemod.go_error(404, "404 page not found", http10=http10, close=close), close, int(length))
+        ace = self.ace if self.ace is not None else acemod.for_server(self.server)
+        if not ace.enabled:
+            ace.requests["disabled"] += 1
+            return self._answer(acemod.go_error(403, "CONNECT not enabled", http10=http10, close=close), close, int(length))
+        target = uri.decode("utf-8", "replace")
+        try:
+            host, port = acemod.check_target(target)
+        except acemod.TargetError as e:
+            log.info("CONNECT target %s not allowed: %s", acemod.go_quote(target), e)
+            ace.requests["invalid_target"] += 1
+            return self._answer(acemod.go_error(403, "Invalid CONNECT target", http10=http10, close=close), close, int(length))
+        t.pause_reading()
+        self.dialing = asyncio.get_running_loop().create_task(
+            self._dial(ace, target, host, port, http10, close, int(length))
+        )
+        return False
+
+    def _answer(self, response: bytes, close: bool, body_len: int) -> bool:
+        t = self.transport
+        t.write(response)
+        if close:
+            t.close()
+            return False
+        self.skip = body_len
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._timeout)
+        return True
+
+    async def _dial(self, ace: acemod.Ace, target: str, host: str, port: int, http10: bool, close: bool,
+                    body_len: int) -> None:
+        tunnel = acemod.Tunnel(ace)
+        try:
+            await tunnel.dial(host, port)
+        except asyncio.CancelledError:
+            tunnel.close()  # the client left while we dialled
+            raise
+        except (OSError, TimeoutError) as e:
+            self.dialing = None
+            log.info("error CONNECT dialing %s: %s", target, e or "timed out")
+            ace.requests["dial_failed"] += 1
+            t = self.transport
+            if t is None or t.is_closing():
+                return
+            if self._answer(acemod.go_error(502, "Connect failure", http10=http10, close=close), close, body_len):
+                t.resume_reading()
+                self._next_request()
+            return
+        self.dialing = None
+        t, self.transport = self.transport, None
+        if t is None or t.is_closing():
+            tunnel.close()
+            return
+        ace.requests["connected"] += 1
+        pending, self.buf = self.buf, b""
+        tunnel.attach(t, pending)
+
+
+def _headers(header_block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in header_block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().decode("latin-1")] = value.strip().decode("latin-1")
+    return headers

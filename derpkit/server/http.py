@@ -24,6 +24,7 @@ from aiohttp import web
 from derpkit import __version__
 from derpkit.protocol import upgrade
 
+from . import ace as acemod
 from . import metrics
 from .derp import DerpServer
 from .websocket import handle_websocket
@@ -69,6 +70,8 @@ class HttpOptions:
     bootstrap_dns: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
     #: Extra /debug/check problems; may be a coroutine function.
     consistency_check: Callable[[], Any] | None = None
+    #: -ace: the front door proxies allowed CONNECT targets on the TLS listener (ace.py).
+    ace: bool = False
 
 
 def debug_allowed(request: web.Request) -> bool:
@@ -145,6 +148,9 @@ def home_page(opts: HttpOptions, debug_link: bool) -> str:
 
 def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     started = time.time()
+    # CONNECT never reaches aiohttp; the front door finds this server's switch and
+    # counters through ace.for_server.
+    ace = acemod.install(server, opts.ace)
 
     async def derp(request: web.Request) -> web.StreamResponse:
         if not opts.derp_enabled:
@@ -231,6 +237,7 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     def all_families() -> Iterable[metrics.Family]:
         yield from metrics.derp_families(server, rss0)
         yield from metrics.process_families(started)
+        yield from ace.families()
         for src in opts.metrics_sources:
             yield from src()
 
