@@ -504,7 +504,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Deadline for each write to a non-mesh client; 0 means none.",
         check=_non_negative,
     ),
-    Setting("ace", ("ACE",), "bool", False, "Experimental embedded ACE CONNECT proxy."),
+    Setting(
+        "ace", ("ACE",), "bool", False,
+        "Experimental embedded ACE CONNECT proxy: on the TLS listener, tunnel CONNECT requests to "
+        "*.tailscale.com ports 443 and 80 (never hosts containing \"derp\"). Off, CONNECT gets 403.",
+    ),
     # derpkit extensions: not derper flags.
     Setting(
         "stun-strict",
