@@ -25,8 +25,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from typing import Any
 
@@ -214,7 +213,7 @@ def go_error(status: int, message: str, *, http10: bool = False, close: bool = F
 class Ace:
     """One server's CONNECT settings and counters (rendered as ``derpkit_ace_*``)."""
 
-    __slots__ = ("enabled", "requests", "bytes_to_target", "bytes_from_target", "tunnels", "__weakref__")
+    __slots__ = ("enabled", "requests", "bytes_to_target", "bytes_from_target", "tunnels")
 
     def __init__(self, enabled: bool = False) -> None:
         self.enabled = enabled
@@ -235,22 +234,6 @@ class Ace:
         yield metrics.gauge("derpkit_ace_tunnels", len(self.tunnels), "CONNECT tunnels open now")
 
 
-_BY_SERVER: weakref.WeakKeyDictionary[Any, Ace] = weakref.WeakKeyDictionary()
-
-
-def install(server: Any, enabled: bool) -> Ace:
-    """Set a server's ACE switch (build_app calls this with ``HttpOptions.ace``)."""
-    ace = for_server(server)
-    ace.enabled = enabled
-    return ace
-
-
-def for_server(server: Any) -> Ace:
-    """The server's :class:`Ace`, created disabled on first use (derper's default)."""
-    ace = _BY_SERVER.get(server)
-    if ace is None:
-        ace = _BY_SERVER[server] = Ace()
-    return ace
 
 
 class _Side(asyncio.Protocol):
@@ -301,10 +284,12 @@ class _Side(asyncio.Protocol):
 class Tunnel:
     """A spliced client/target pair, alive until either side ends."""
 
-    __slots__ = ("ace", "client", "target", "closed", "__weakref__")
+    __slots__ = ("ace", "client", "target", "closed", "on_close", "__weakref__")
 
     def __init__(self, ace: Ace) -> None:
         self.ace = ace
+        #: Called once when the tunnel ends (the front door's in-flight request counter).
+        self.on_close: Callable[[], None] | None = None
         self.client = _Side(self, to_target=True)
         self.target = _Side(self, to_target=False)
         self.client.other = self.target
@@ -333,6 +318,9 @@ class Tunnel:
             return
         self.closed = True
         self.ace.tunnels.discard(self)
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         loop = asyncio.get_running_loop()
         for side in (self.client, self.target):
             t = side.transport

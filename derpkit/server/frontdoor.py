@@ -25,6 +25,7 @@ from derpkit.protocol import upgrade
 from derpkit.protocol.errors import ProtocolError
 
 from . import ace as acemod
+from . import metrics
 from .conn import ClientConn
 
 if TYPE_CHECKING:
@@ -53,8 +54,8 @@ class FrontDoor(asyncio.Protocol):
         ace: acemod.Ace | None = None,
     ) -> None:
         self.server = server
-        #: ACE settings; None means "the server's" (ace.for_server), looked up per CONNECT.
-        self.ace = ace
+        #: The listener's CONNECT settings and counters; None answers CONNECT as -ace=false.
+        self.ace = ace if ace is not None else acemod.Ace()
         #: The upstream dial of a CONNECT in progress (reading is paused meanwhile).
         self.dialing: asyncio.Task[None] | None = None
         #: Bytes of a refused CONNECT's body still to discard before the next request.
@@ -163,7 +164,11 @@ class FrontDoor(asyncio.Protocol):
         """Answer a CONNECT (``headers`` keyed in lower case); True when the next request
         in the buffer should be read now."""
         t = self.transport
-        tls = t.get_extra_info("ssl_object") is not None
+        tls_label = metrics.tls_version_label(t)
+        tls = tls_label is not None
+        if tls_label is not None:
+            # derper counts every TLS request by version, CONNECT included (before any check).
+            self.server.stats.tls_request_version[tls_label] += 1
         length = headers.get("content-length", "0")
         if not acemod.request_uri_ok(uri) or not length.isdigit():
             # Go's server rejects these before any handler, and hangs up.
@@ -181,7 +186,7 @@ class FrontDoor(asyncio.Protocol):
         self.buf = rest
         if not tls:
             return self._answer(acemod.go_error(404, "404 page not found", http10=http10, close=close), close, int(length))
-        ace = self.ace if self.ace is not None else acemod.for_server(self.server)
+        ace = self.ace
         if not ace.enabled:
             ace.requests["disabled"] += 1
             return self._answer(acemod.go_error(403, "CONNECT not enabled", http10=http10, close=close), close, int(length))
@@ -233,6 +238,16 @@ class FrontDoor(asyncio.Protocol):
             tunnel.close()
             return
         ace.requests["connected"] += 1
+        label = metrics.tls_version_label(t)
+        if label is not None:
+            # A tunnel is a request in flight for its whole life, as in derper's handler.
+            active = self.server.stats.tls_active_version
+            active[label] += 1
+
+            def done() -> None:
+                active[label] -= 1
+
+            tunnel.on_close = done
         pending, self.buf = self.buf, b""
         tunnel.attach(t, pending)
 

@@ -39,6 +39,7 @@ BROWSER_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 ALL_FAMILIES = web.AppKey("all_families", Callable[[], Iterable[metrics.Family]])
+ACE = web.AppKey("ace", acemod.Ace)
 NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
 _CHALLENGE_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 _PROD_HOST_RE = re.compile(r"^derp([^.]*)\.tailscale\.com\.?$")
@@ -148,9 +149,8 @@ def home_page(opts: HttpOptions, debug_link: bool) -> str:
 
 def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     started = time.time()
-    # CONNECT never reaches aiohttp; the front door finds this server's switch and
-    # counters through ace.for_server.
-    ace = acemod.install(server, opts.ace)
+    # CONNECT never reaches aiohttp: the front door gets this Ace (app[ACE]) from the node.
+    ace = acemod.Ace(opts.ace)
 
     async def derp(request: web.Request) -> web.StreamResponse:
         if not opts.derp_enabled:
@@ -290,6 +290,7 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     app.router.add_route("*", "/debug/{tail:.*}", debug)
     app.router.add_route("*", "/{tail:.*}", home)
     app[ALL_FAMILIES] = all_families
+    app[ACE] = ace
     return app
 
 

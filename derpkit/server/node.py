@@ -22,7 +22,7 @@ from derpkit.protocol.keys import MeshKey, NodePrivate
 from . import metrics
 from .derp import AdmitFn, DerpServer
 from .frontdoor import FrontDoor
-from .http import HttpOptions, build_app
+from .http import ACE, HttpOptions, build_app
 
 log = logging.getLogger("derpkit.server")
 
@@ -151,6 +151,7 @@ class DerpNode:
         http_opts.metrics_sources = [self.stun_families, *o.extra_metrics, *http_opts.metrics_sources]
         app = build_app(self.server, http_opts)
         app.middlewares.insert(0, tls_version_middleware(self.server.stats))
+        ace = app[ACE]
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         factory = self.runner.server
@@ -163,7 +164,8 @@ class DerpNode:
         door_hook = None if gate_tls else o.on_connect
 
         def door() -> FrontDoor:
-            return FrontDoor(self.server, factory, derp_enabled=http_opts.derp_enabled, on_connect=door_hook)
+            return FrontDoor(self.server, factory, derp_enabled=http_opts.derp_enabled, on_connect=door_hook,
+                             ace=ace)
 
         listen_factory: Any = door
         listen_ssl = o.ssl_context

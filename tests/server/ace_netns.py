@@ -181,7 +181,25 @@ def drive(port: int) -> dict[str, Any]:
         second = read_response(s)
         out[key] = {"first": first.decode("latin-1"), "second_status": second.split(b"\r\n", 1)[0].decode()}
         s.close()
+    # 6. The TLS-version gauges while a tunnel is open and after it ends (derper counts a
+    #    tunnel as a request in flight; the scrape is one too).
+    s, head, _ = connect(port, f"{ALLOWED}:{ECHO_PORT}")
+    s.sendall(b"live")
+    recv_exact(s, 4)
+    out["active_during_tunnel"] = tls_active(varz(port))
+    s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        out["active_after_tunnel"] = tls_active(varz(port))
+        if out["active_after_tunnel"] == out["active_during_tunnel"] - 1:
+            break
+        time.sleep(0.05)
     return out
+
+
+def tls_active(text: str) -> int:
+    """The sum of derper_tls_active_version over its versions."""
+    return sum(int(v) for v in re.findall(r'^derper_tls_active_version\{version="[^"]+"\} (\d+)', text, re.M))
 
 
 async def start_echo() -> asyncio.AbstractServer:

@@ -21,6 +21,7 @@ import re
 import ssl
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,14 @@ async def wait_log(sp: ServeProc, needle: str, timeout: float = 5.0) -> bool:
 ROBOTS = b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+def _varz(port: int) -> str:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/debug/varz", timeout=5, context=ctx) as r:
+        return r.read().decode()
+
+
 async def test_connect_disabled_is_403_and_keeps_the_connection(tmp_path: Path) -> None:
     sp = await tls_serve(tmp_path)
     try:
@@ -187,6 +196,10 @@ async def test_connect_disabled_is_403_and_keeps_the_connection(tmp_path: Path) 
         assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"Disallow: /\n")
         out, closed = await exchange(sp.port, b"CONNECT /anything HTTP/1.1\r\nConnection: close\r\n\r\n", tls=True)
         assert out.endswith(b"\r\nConnection: close\r\n\r\nCONNECT not enabled\n") and closed
+        # derper counts CONNECTs among TLS requests: two of them, robots.txt, and this scrape.
+        varz = await asyncio.to_thread(_varz, sp.port)
+        assert re.search(r'^derper_tls_request_version\{version="1.3"\} 4$', varz, re.M), varz
+        assert re.search(r'^derper_tls_active_version\{version="1.3"\} 1$', varz, re.M)
     finally:
         await sp.stop()
 
@@ -276,7 +289,9 @@ def test_tunnel_in_private_namespace(tmp_path: Path) -> None:
     assert "error CONNECT dialing nowhere.tailscale.com:443: " in log
     assert "error CONNECT dialing controlplane.tailscale.com:80: " in log
     v = d["varz"]
-    assert varz_value(v, 'derpkit_ace_requests{result="connected"}') == 3
+    assert varz_value(v, 'derpkit_ace_requests{result="connected"}') == 4
+    # derper_tls_active_version counts a live tunnel, and stops counting it once it ends.
+    assert d["active_during_tunnel"] - d["active_after_tunnel"] == 1, d
     assert varz_value(v, 'derpkit_ace_requests{result="dial_failed"}') == 2
     assert varz_value(v, 'derpkit_ace_bytes{direction="from_target"}') >= len("early;ping") + (4 << 20)
 
