@@ -30,6 +30,7 @@ from email.utils import formatdate
 from typing import Any
 
 from . import metrics
+from .goflag import GoValueError, split_host_port
 
 log = logging.getLogger("derpkit.server")
 
@@ -56,37 +57,6 @@ class TargetError(ValueError):
     """A CONNECT target the ACE rule refuses; ``str()`` is Go's error text."""
 
 
-def split_host_port(hostport: str) -> tuple[str, str]:
-    """Go's ``net.SplitHostPort``, with its error texts (derper logs them verbatim)."""
-
-    def fail(why: str) -> TargetError:
-        return TargetError(f"address {hostport}: {why}" if hostport else why)
-
-    i = hostport.rfind(":")
-    if i < 0:
-        raise fail("missing port in address")
-    j = k = 0
-    if hostport[0] == "[":
-        end = hostport.find("]")
-        if end < 0:
-            raise fail("missing ']' in address")
-        if end + 1 == len(hostport):
-            raise fail("missing port in address")
-        if end + 1 != i:
-            raise fail("too many colons in address" if hostport[end + 1] == ":" else "missing port in address")
-        host = hostport[1:end]
-        j, k = 1, end + 1
-    else:
-        host = hostport[:i]
-        if ":" in host:
-            raise fail("too many colons in address")
-    if "[" in hostport[j:]:
-        raise fail("unexpected '[' in address")
-    if "]" in hostport[k:]:
-        raise fail("unexpected ']' in address")
-    return host, hostport[i + 1 :]
-
-
 def check_target(target: str) -> tuple[str, int]:
     """derper's ACE rule: ``(host, port)`` to dial, or :class:`TargetError` with Go's text.
 
@@ -96,7 +66,10 @@ def check_target(target: str) -> tuple[str, int]:
     servers or anywhere else. Both tests are case-sensitive string tests, as in Go: a
     trailing dot or an upper-case suffix fails, an upper-case ``DERP`` is not caught.
     """
-    host, port = split_host_port(target)
+    try:
+        host, port = split_host_port(target)  # Go's net.SplitHostPort, with its error texts
+    except GoValueError as e:
+        raise TargetError(str(e)) from None
     if port not in ALLOWED_PORTS:
         raise TargetError("only ports 443 and 80 are allowed")
     if not host.endswith(".tailscale.com") or "derp" in host:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import ssl
 import subprocess
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
 from derpkit.server.mesh import MeshLink
 from derpkit.server.node import DerpNode
+
+from .pki import TestCA
 
 
 @dataclass
@@ -117,3 +122,20 @@ async def recv_kind(c: DerpClient, kind: type, timeout: float = 5.0) -> Any:
             f = await c.recv()
             if isinstance(f, kind):
                 return f
+
+
+def tls_varz(base_url: str, ca: TestCA) -> dict[str, float]:
+    """``<base_url>/debug/varz`` over TLS trusting only the test CA, as {sample: value}.
+
+    The key is the sample as printed (name plus labels), so Go's and ours compare directly.
+    """
+    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+    with urllib.request.urlopen(base_url + "/debug/varz", timeout=5, context=ctx) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for m in re.finditer(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", text, re.M):
+        try:
+            out[m.group(1)] = float(m.group(2))
+        except ValueError:
+            pass
+    return out

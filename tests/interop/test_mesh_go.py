@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
-import urllib.request
 
 import pytest
 
@@ -23,26 +21,12 @@ from derpkit.server.mesh import MeshLink
 from derpkit.server.node import DerpNode, NodeOptions
 from tests.goderper import GoDerper, start_derper
 
-from .helpers import recv_kind, recv_packet
+from .helpers import recv_kind, recv_packet, tls_varz
 from .pki import Leaf, TestCA
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def go_varz(go: GoDerper, ca: TestCA) -> dict[str, float]:
-    """Go derper's Prometheus text from /debug/varz (reachable from loopback)."""
-    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
-    with urllib.request.urlopen(go.base_url + "/debug/varz", timeout=5, context=ctx) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
-        if m:
-            try:
-                out[m.group(1)] = float(m.group(2))
-            except ValueError:
-                pass
-    return out
 
 
 async def _start_pair(
@@ -110,7 +94,7 @@ async def test_go_derper_and_derpkit_mesh_both_ways(
         got = await _send_until_received(x, y2, b"x to y2")
         assert got.src == x.public_key.raw
 
-        varz = go_varz(go, test_ca)
+        varz = tls_varz(go.base_url, test_ca)
         assert varz["derp_packets_forwarded_out"] >= 2, varz  # Go -> us
         assert varz["derp_packets_forwarded_in"] >= 2, varz  # us -> Go
         assert varz["derp_clients_remote"] >= 2, varz  # y1, y2 learned over the mesh
@@ -125,7 +109,7 @@ async def test_go_derper_and_derpkit_mesh_both_ways(
         await x.close()
         gone = await recv_kind(y2, F.PeerGone)
         assert gone.key == x.public_key.raw and gone.reason == PeerGoneReason.DISCONNECTED
-        varz = go_varz(go, test_ca)
+        varz = tls_varz(go.base_url, test_ca)
         assert varz["derp_peer_gone_disconnected_frames"] >= 1, varz
     finally:
         for c in clients:
@@ -151,7 +135,7 @@ async def test_wrong_mesh_key_is_refused_on_both_sides(
         await _wait(lambda: f'mesh("localhost:{ours.port}"): Recv: derp.Recv: EOF' in go.log())
         # Neither side learned anything over the broken mesh.
         assert not link.connected.is_set() or not link.seen
-        varz = go_varz(go, test_ca)
+        varz = tls_varz(go.base_url, test_ca)
         assert varz.get("derp_watchers", 0) == 0, varz
         assert ours.server.gauges()["watchers"] == 0
         x = await DerpClient.connect(go.url, ssl_context=test_ca.client_context())

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import ssl
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from derpkit.protocol.keys import MeshKey
 from tests.goderper import GoDerper, free_port, require_derper
 from tests.server.serve_proc import ServeProc, start_serve
 
-from .helpers import recv_kind, recv_packet
+from .helpers import recv_kind, recv_packet, tls_varz
 from .pki import Leaf, TestCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,20 +40,6 @@ pytestmark = pytest.mark.timeout(60)
 _KEY_RE = re.compile(r"server public key (nodekey:[0-9a-f]{64})")
 
 
-def varz(base_url: str, ca: TestCA) -> dict[str, float]:
-    """Prometheus text from ``<base_url>/debug/varz`` over TLS, trusting only the test CA."""
-    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
-    with urllib.request.urlopen(base_url + "/debug/varz", timeout=5, context=ctx) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
-        if m:
-            try:
-                out[m.group(1)] = float(m.group(2))
-            except ValueError:
-                pass
-    return out
 
 
 @dataclass
@@ -189,8 +173,8 @@ async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart
         await deliver(y2, x, b"y2 to x")
         await deliver(x, y2, b"x to y2")
 
-        gv = varz(go.base_url, test_ca)
-        ov = varz(pair.our_base_url, test_ca)
+        gv = tls_varz(go.base_url, test_ca)
+        ov = tls_varz(pair.our_base_url, test_ca)
         both = f"Go: {gv}\nours: {ov}"
         assert gv["derp_packets_forwarded_out"] >= 2, both  # Go -> us
         assert gv["derp_packets_forwarded_in"] >= 2, both  # us -> Go
@@ -213,8 +197,8 @@ async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart
         await x.close()
         gone = await recv_kind(y2, F.PeerGone)
         assert gone.key == x.public_key.raw and gone.reason == PeerGoneReason.DISCONNECTED
-        assert varz(go.base_url, test_ca)["derp_peer_gone_disconnected_frames"] >= 1
-        assert varz(pair.our_base_url, test_ca)["derp_peer_gone_disconnected_frames"] >= 1
+        assert tls_varz(go.base_url, test_ca)["derp_peer_gone_disconnected_frames"] >= 1
+        assert tls_varz(pair.our_base_url, test_ca)["derp_peer_gone_disconnected_frames"] >= 1
 
         # Stop our process as an operator would (SIGTERM) and start it again with the same
         # key file and port. Go notices the mesh link break and clears the routes it had
@@ -233,7 +217,7 @@ async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart
             lambda: cleared.search(go.log()) is not None,
             "Go's mesh client dropping the routes via the stopped process", pair,
         )
-        varz_before = varz(go.base_url, test_ca)
+        varz_before = tls_varz(go.base_url, test_ca)
         await pair.start_ours()
         assert pair.our_server_key() == our_key, pair.logs()  # same -c file, same identity
         assert "wrote new server key" not in pair.our_log(), pair.logs()
@@ -243,8 +227,8 @@ async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart
         await deliver(y3, x2, b"y3 on the restarted process to x2 on Go")
         await deliver(x2, y3, b"x2 on Go to y3 on the restarted process")
         assert f"mesh localhost:{go.port}: connected, watching {go_key}" in pair.our_log()
-        gv = varz(go.base_url, test_ca)
-        ov = varz(pair.our_base_url, test_ca)
+        gv = tls_varz(go.base_url, test_ca)
+        ov = tls_varz(pair.our_base_url, test_ca)
         both = f"Go before: {varz_before}\nGo: {gv}\nours: {ov}"
         assert gv["derp_packets_forwarded_out"] > varz_before["derp_packets_forwarded_out"], both
         assert gv["derp_packets_forwarded_in"] > varz_before["derp_packets_forwarded_in"], both
@@ -301,8 +285,8 @@ async def test_wrong_psk_refused_by_both_programs(
         finally:
             await x.close()
             await y.close()
-        gv = varz(go.base_url, test_ca)
-        ov = varz(pair.our_base_url, test_ca)
+        gv = tls_varz(go.base_url, test_ca)
+        ov = tls_varz(pair.our_base_url, test_ca)
         both = f"Go: {gv}\nours: {ov}"
         assert gv.get("derp_watchers", 0) == 0 and ov.get("derp_watchers", 0) == 0, both
         assert gv.get("derp_packets_forwarded_out", 0) == 0, both
