@@ -99,7 +99,9 @@ async def test_go_and_derpkit_count_one_script_alike(tmp_path, test_ca: TestCA, 
         base_ours = await asyncio.to_thread(scrape, ours_base, test_ca)
         clients += await _script(go.url, test_ca, mesh)
         clients += await _script(f"{ours_base}/derp", test_ca, mesh)
-        await asyncio.sleep(11.5)  # every live client gets exactly one RTT sample (10 s in)
+        # Every live client gets exactly one RTT sample: 10 s after it joined (ours: within the
+        # sampler's 1 s tick), the next only at 20 s.
+        await asyncio.sleep(13)
         got_go = await asyncio.to_thread(scrape, go.base_url, test_ca)
         got_ours = await asyncio.to_thread(scrape, ours_base, test_ca)
         names_go = sample_names(await asyncio.to_thread(varz_text, go.base_url, test_ca))
