@@ -10,10 +10,9 @@ The WebSocket variant carries the same byte stream in binary messages; one reade
 writer task per connection move bytes between aiohttp and the same frame logic.
 
 Limits (Go client behaviour, spec §8): a frame over 1 MiB or 120 s of silence kills the
-connection; any receive error is sticky. Python 3.11's ``ssl`` module exposes only the leaf
-certificate, not the chain, so the TLS meta-certificate that lets Go clients learn the
-server key during TLS (and use fast start automatically) cannot be read here. Fast start
-is used when the caller passes ``server_key`` (from a DERP map or an earlier connection).
+connection; any receive error is sticky. Fast start (no wait for the 101) is used when the
+server key is known before the upgrade: passed by the caller (a DERP map, an earlier
+connection) or read from the server's TLS 1.3 meta-certificate, as Go's client does.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ from .errors import (
     DerpTimeoutError,
     DerpUpgradeError,
 )
-from .tls import check_pin, plan_tls
+from .tls import check_pin, meta_cert_server_key, plan_tls
 
 __all__ = ["DerpClient", "DerpURL", "parse_url"]
 
@@ -325,6 +324,8 @@ class DerpClient:
         self._body_head: Any = None
         self._body_want = 0
         self._fast_key: NodePublic | None = None
+        #: Whether this connection skipped waiting for the 101 (server key known up front).
+        self.fast_start = False
         self._hello_extra = b""
         self._info: handshake.ClientInfo = handshake.ClientInfo()
         self._queue: deque[Frame] = deque()
@@ -462,7 +463,10 @@ class DerpClient:
             check_pin(
                 sslobj.getpeercert(binary_form=True) if sslobj else None, plan.pin_sha256, self.url
             )
+        if (server_key is None or server_key.is_zero()) and plan is not None:
+            server_key = meta_cert_server_key(transport.get_extra_info("ssl_object"))
         fast = server_key is not None and not server_key.is_zero()
+        self.fast_start = fast
         req = build_request(u.host_header, u.path, fast_start=fast, ideal_node=ideal_node)
         if fast:
             assert server_key is not None

@@ -12,6 +12,9 @@ import hashlib
 import ssl
 from dataclasses import dataclass
 
+from derpkit.protocol.constants import META_CERT_CN_PREFIX
+from derpkit.protocol.keys import NodePublic
+
 from .errors import DerpCertificateError
 
 SHA256_RAW_PREFIX = "sha256-raw:"
@@ -84,3 +87,43 @@ def check_pin(der: bytes | None, pin: bytes, where: str) -> None:
             f"{where}: TLS certificate does not match the CertName pin: "
             f"want {SHA256_RAW_PREFIX}{pin.hex()}, server presented {SHA256_RAW_PREFIX}{got.hex()}"
         )
+
+
+def meta_cert_server_key(ssl_object: object) -> NodePublic | None:
+    """The server key from derper's TLS meta-certificate, as Go's client reads it.
+
+    derper (and derpkit) append a certificate whose CN is ``derpkey<hex key>`` and whose
+    serial is the protocol version to every chain. A client that finds it over TLS 1.3
+    knows the server key before any DERP byte and can use fast start, saving a round trip.
+    Python's public ``ssl`` API exposes only the leaf, so this reads the chain through the
+    private ``get_unverified_chain`` that CPython has had since 3.10 (public from 3.13);
+    wherever that is missing it returns None and the client does the ordinary upgrade.
+    Go's conditions are kept: TLS 1.3 only, and a serial of at most 8 bits that is not 0.
+    """
+    version = getattr(ssl_object, "version", None)
+    if version is None or version() != "TLSv1.3":
+        return None
+    inner = getattr(ssl_object, "_sslobj", ssl_object)
+    get_chain = getattr(inner, "get_unverified_chain", None)
+    if get_chain is None:
+        return None
+    try:
+        chain = get_chain() or []
+    except (ssl.SSLError, ValueError):
+        return None
+    for cert in chain:
+        try:
+            info = cert.get_info()
+        except (AttributeError, ValueError):
+            continue
+        cn = next((v for rdn in info.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+        if not cn.startswith(META_CERT_CN_PREFIX):
+            continue
+        try:
+            key = NodePublic(bytes.fromhex(cn[len(META_CERT_CN_PREFIX):]))
+            serial = int(info.get("serialNumber", "0"), 16)
+        except ValueError:
+            continue
+        if 0 < serial < 256:
+            return key
+    return None

@@ -71,11 +71,8 @@ async def test_tls_session_counted_by_go(go_tls, test_ca: TestCA) -> None:
 
 
 async def test_fast_start_over_tls_with_known_key(go_tls, test_ca: TestCA) -> None:
-    """``Derp-Fast-Start: 1`` over TLS: Go writes no 101, and the session still works.
-
-    (Python's ssl exposes only the leaf certificate, so our client cannot read derper's
-    meta-certificate itself; the key comes from an earlier connection, as from a DERP map.)
-    """
+    """``Derp-Fast-Start: 1`` over TLS with the key given up front (from a DERP map or an
+    earlier connection): Go writes no 101, and the session still works."""
     before = varz(go_tls, test_ca)
     c = await DerpClient.connect(go_tls.url, ssl_context=test_ca.client_context(),
                                  server_key=go_tls.public_key)
@@ -97,3 +94,24 @@ async def test_wrong_host_name_is_refused(go_tls, test_ca: TestCA) -> None:
         await DerpClient.connect(f"https://127.0.0.1:{go_tls.port}/derp",
                                  ssl_context=test_ca.client_context())
     assert "cert mismatch with hostname" in go_tls.log()
+
+
+async def test_key_read_from_go_meta_certificate_enables_fast_start(go_tls, test_ca: TestCA) -> None:
+    """Without a known key our client reads Go derper's TLS meta-certificate (TLS 1.3, as
+    Go's own client does) and uses fast start; over TLS 1.2 it does the ordinary upgrade."""
+    before = varz(go_tls, test_ca)
+    c = await DerpClient.connect(go_tls.url, ssl_context=test_ca.client_context())
+    ctx12 = test_ca.client_context()
+    ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+    old = await DerpClient.connect(go_tls.url, ssl_context=ctx12)
+    try:
+        assert c.fast_start and c.server_key == go_tls.public_key
+        assert not old.fast_start and old.server_key == go_tls.public_key
+        await old.send(c.public_key, b"to the fast one")
+        assert (await recv_packet(c)).data == b"to the fast one"
+        await c.send(old.public_key, b"back")
+        assert (await recv_packet(old)).data == b"back"
+        assert varz(go_tls, test_ca)["derp_accepts"] - before["derp_accepts"] == 2
+    finally:
+        await c.close()
+        await old.close()

@@ -221,8 +221,13 @@ async def test_ip_hostname_self_signed_chain_ends_with_meta_cert(tmp_path: Path)
             assert "sha256-raw:" + got["leaf_sha256"] == provider.cert_name
             # Any SNI (or none) gets the certificate for an IP hostname.
             assert (await ahandshake(node.port, sni="anything.example"))["leaf_sha256"] == got["leaf_sha256"]
-        # derpkit's client pins the CertName: right pin connects, wrong pin is refused.
+        # derpkit's client pins the CertName: right pin connects, wrong pin is refused. Over
+        # TLS 1.3 it reads the server key from the meta-certificate and uses fast start.
         c = await DerpClient.connect(node.url, cert_name=provider.cert_name, timeout=5)
+        assert c.fast_start and c.server_key == node.public_key
+        assert node.server.stats.fast_start_accepts == 1
+        await c.send(c.public_key, b"to myself")
+        assert (await asyncio.wait_for(c.recv(), 5)).data == b"to myself"
         await c.close()
         wrong = "sha256-raw:" + "00" * 32
         with pytest.raises(DerpCertificateError, match="does not match the CertName pin"):
