@@ -117,7 +117,7 @@ async def check_derp(cfg: ServeConfig, timeout: float) -> str:
         try:
             await client.wait_server_info(timeout)
         except (DerpConnectionError, TimeoutError) as e:
-            if client.server_key is not None and not isinstance(e, TimeoutError):
+            if client.server_key_received and not isinstance(e, TimeoutError):
                 return (
                     f"DERP ok: {url} upgraded, server key {client.server_key}; the server then "
                     "refused this probe's random key (admission control such as -verify-clients)"

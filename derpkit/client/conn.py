@@ -326,6 +326,9 @@ class DerpClient:
         self._fast_key: NodePublic | None = None
         #: Whether this connection skipped waiting for the 101 (server key known up front).
         self.fast_start = False
+        #: Whether the server's ServerKey frame arrived: the DERP upgrade really happened.
+        #: (With fast start ``server_key`` is known before the server says anything.)
+        self.server_key_received = False
         self._hello_extra = b""
         self._info: handshake.ClientInfo = handshake.ClientInfo()
         self._queue: deque[Frame] = deque()
@@ -635,6 +638,7 @@ class DerpClient:
                 self._fail(DerpConnectionError(f"{self.url}: {e}"))
                 return
             self.server_key = NodePublic(sk.key)
+            self.server_key_received = True
             self._state = None
             try:
                 self._write(self._hello_bytes())
@@ -654,6 +658,8 @@ class DerpClient:
                         f"{NodePublic(payload[8:40])}"
                     )
                 )
+                return
+            self.server_key_received = True
             return
         f = decode_client_side(ftype, payload)
         if f is None or isinstance(f, Unknown):

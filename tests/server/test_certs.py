@@ -226,6 +226,7 @@ async def test_ip_hostname_self_signed_chain_ends_with_meta_cert(tmp_path: Path)
         c = await DerpClient.connect(node.url, cert_name=provider.cert_name, timeout=5)
         assert c.fast_start and c.server_key == node.public_key
         assert node.server.stats.fast_start_accepts == 1
+        assert c.server_key_received  # the ServerKey frame still came, and matched
         await c.send(c.public_key, b"to myself")
         assert (await asyncio.wait_for(c.recv(), 5)).data == b"to myself"
         await c.close()
