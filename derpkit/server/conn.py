@@ -521,7 +521,7 @@ class ClientConn(asyncio.Protocol):
         self._mesh_batch = 0
 
     def send_frame(self, data: bytes) -> None:
-        """Write any pre-encoded frame (watcher updates, Restarting, Health)."""
+        """Write any pre-encoded frame (Restarting, Health, ...); watchers get send_mesh_update."""
         if self.state == _RUNNING:
             self._write(data)
 
