@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Tailscale's own Go programs, at one pinned release, as peers for the interop tests.
+# Install Tailscale's own Go programs (derper, derpprobe, stunc, tailscaled) at one pinned
+# release, as peers for the interop tests.
 # Repeat runs are fast: `go install` reuses the module and build caches.
 set -euo pipefail
 TAILSCALE_VERSION="${TAILSCALE_VERSION:-v1.102.3}"
@@ -9,7 +10,7 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 GOBIN="${GOBIN:-$(go env GOPATH)/bin}"
 export GOBIN
-for cmd in derper derpprobe stunc; do
+for cmd in derper derpprobe stunc tailscaled; do
   if [ -x "$GOBIN/$cmd" ] && [ -f "$GOBIN/.$cmd.version" ] && [ "$(cat "$GOBIN/.$cmd.version")" = "$TAILSCALE_VERSION" ]; then
     continue
   fi
