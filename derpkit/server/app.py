@@ -190,14 +190,16 @@ async def serve(cfg: ServeConfig) -> int:
 
     def on_sighup() -> None:
         # One handler for everything SIGHUP reloads: -rate-config and the certificate.
+        # Installed even when there is nothing to reload: without -rate-config Go derper
+        # dies of a SIGHUP (its default action); derpkit keeps relaying instead
+        # (tests/interop/test_flags_go.py shows both, docs/compat.md records it).
         if cfg.rate_config:
             reload_rate()
         if provider is not None:
             log.info("derpkit: received SIGHUP, checking the certificate files")
             provider.reload()
 
-    if cfg.rate_config or provider is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     if not cfg.tls_enabled:
         log.info("derper: serving on %s", cfg.addr)
     try:

@@ -96,3 +96,30 @@ async def test_key_file_written_by_derpkit_is_read_by_go(tmp_path) -> None:
         await c.close()
     finally:
         go.stop()
+
+
+async def test_sighup_without_anything_to_reload_kills_go_but_not_derpkit(tmp_path) -> None:
+    """A divergence on purpose (spec Q5), shown against the Go program.
+
+    Plain mode, no -rate-config, no certificate: Go derper never asks for SIGHUP, so Go's
+    default action ends it (killed by the signal). An operator's stray ``kill -HUP`` (or a
+    process manager's reload) should not take a relay down, so derpkit ignores it and keeps
+    relaying: a client still completes the handshake afterwards.
+    """
+    import signal
+
+    go = await asyncio.to_thread(start_derper, tmp_path)
+    sp = await start_serve("-a", "127.0.0.1:0", "-stun=false")
+    try:
+        assert go.process is not None
+        go.process.send_signal(signal.SIGHUP)
+        sp.proc.send_signal(signal.SIGHUP)
+        assert await asyncio.to_thread(go.process.wait, 10) == -signal.SIGHUP, go.log()
+        await asyncio.sleep(0.5)
+        assert sp.proc.returncode is None, "".join(sp.log)
+        c = await DerpClient.connect(sp.url)
+        assert c.server_key is not None
+        await c.close()
+    finally:
+        go.stop()
+        await sp.stop()
