@@ -8,9 +8,8 @@ claim checked against Go's own counters (/debug/varz) rather than only our side.
 
 from __future__ import annotations
 
-import re
+import asyncio
 import ssl
-import urllib.request
 
 import pytest
 
@@ -18,7 +17,7 @@ from derpkit.client import DerpClient, DerpConnectionError
 from derpkit.protocol import frames as F
 from tests.goderper import start_derper
 
-from .helpers import recv_packet
+from .helpers import recv_packet, tls_varz
 from .pki import Leaf, TestCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,11 +34,7 @@ def go_tls(tmp_path_factory, test_ca: TestCA, localhost_leaf: Leaf):  # noqa: AN
 
 
 def varz(d, ca: TestCA) -> dict[str, float]:  # noqa: ANN001
-    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
-    with urllib.request.urlopen(d.base_url + "/debug/varz", timeout=5, context=ctx) as r:
-        text = r.read().decode()
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r"^([a-z_]+) ([0-9.e+-]+)$", text, re.M)}
+    return tls_varz(d.base_url, ca)
 
 
 async def test_tls_session_counted_by_go(go_tls, test_ca: TestCA) -> None:
@@ -115,3 +110,41 @@ async def test_key_read_from_go_meta_certificate_enables_fast_start(go_tls, test
     finally:
         await c.close()
         await old.close()
+
+
+async def test_note_preferred_moves_gos_home_connection_gauge(go_tls, test_ca: TestCA) -> None:
+    """Go derper reads our NotePreferred: its ``derp_current_home_connections`` gauge rises
+    for a client that says "this is my home" (pipelined with fast start, or sent later on an
+    open connection), does not for one that never says it, and falls when it says "no
+    longer"."""
+    ctx = test_ca.client_context()
+
+    async def home() -> float:
+        # The frame is handled by derper's reader goroutine: poll briefly, bounded.
+        return varz(go_tls, test_ca)["derp_current_home_connections"]
+
+    async def settles_at(want: float) -> float:
+        got = await home()
+        for _ in range(40):
+            if got == want:
+                break
+            await asyncio.sleep(0.05)
+            got = await home()
+        return got
+
+    base = await home()
+    plain = await DerpClient.connect(go_tls.url, ssl_context=ctx)
+    fast_home = await DerpClient.connect(go_tls.url, ssl_context=ctx, server_key=go_tls.public_key,
+                                         preferred=True)
+    later = await DerpClient.connect(go_tls.url, ssl_context=ctx)
+    try:
+        assert await settles_at(base + 1) == base + 1  # only the preferred one counts
+        await later.note_preferred(True)
+        assert await settles_at(base + 2) == base + 2
+        await fast_home.note_preferred(False)
+        assert await settles_at(base + 1) == base + 1
+        await plain.send(later.public_key, b"still relaying")
+        assert (await recv_packet(later)).data == b"still relaying"
+    finally:
+        for c in (plain, fast_home, later):
+            await c.close()
