@@ -43,12 +43,14 @@ from typing import Any
 import pytest
 
 REQUIRE_ENV = "DERPKIT_REQUIRE_GO_PEERS"
+#: The Go programs scripts/install-go-peers.sh installs and the tests run.
+GO_TOOLS = ("derper", "derpprobe", "stunc", "tailscaled")
 _CERTNAME_RE = re.compile(r'"CertName":"(sha256-raw:[0-9a-f]{64})"')
 _START_TIMEOUT = 15.0
 
 
 def _skip_missing(msg: str) -> None:
-    """Skip (the message contains "NOT INSTALLED", which tests/interop/conftest.py's one-line
+    """Skip (the message contains "NOT INSTALLED", which tests/conftest.py's one-line
     summary looks for), or fail under DERPKIT_REQUIRE_GO_PEERS=1."""
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)

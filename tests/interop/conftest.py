@@ -1,8 +1,8 @@
-"""Interop suite plumbing: Go peers, a test CA, and one loud line when Go tests are skipped.
+"""Interop suite plumbing: Go peers and a test CA.
 
 Every test here talks to one of Tailscale's own Go programs (derper, derpprobe, stunc at
-the release pinned in scripts/install-go-peers.sh). Without them the tests skip, and the
-terminal summary prints a single line naming every skipped test and why; with
+the release pinned in scripts/install-go-peers.sh). Without them the tests skip, and
+tests/conftest.py prints a single line naming every skipped test and why; with
 ``DERPKIT_REQUIRE_GO_PEERS=1`` (set by .ci/run) a missing program is a failure instead.
 """
 
@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.goderper import REQUIRE_ENV, find_go_tool
+from tests.goderper import GO_TOOLS, find_go_tool
 
 from .pki import Leaf, TestCA
-
-GO_TOOLS = ("derper", "derpprobe", "stunc")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,30 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.interop)
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
-    # Every test of the session skipped for a missing Go program (here or in tests/client/),
-    # including those a module-scoped fixture skipped.
-    skipped = [r.nodeid for r in terminalreporter.stats.get("skipped", [])
-               if "NOT INSTALLED" in str(getattr(r, "longrepr", ""))]
-    skipped = list(dict.fromkeys(skipped))
-    if not skipped:
-        return
-    missing = [t for t in GO_TOOLS if find_go_tool(t) is None]
-    per_file: dict[str, int] = {}
-    for nid in skipped:
-        f = nid.split("::", 1)[0]
-        per_file[f] = per_file.get(f, 0) + 1
-    names = ", ".join(f"{f} ({n})" for f, n in sorted(per_file.items()))
-    terminalreporter.write_line(
-        f"!!! GO INTEROP SKIPPED: {len(skipped)} tests did not run because Tailscale's Go "
-        f"programs are missing ({', '.join(missing) or 'see reasons'}); run "
-        f"`bash scripts/install-go-peers.sh` or set {REQUIRE_ENV}=1 to make this fail. "
-        f"Skipped: {names}",
-        red=True,
-        bold=True,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -357,28 +357,14 @@ async def test_allowed_keys_skip_tailscaled_but_not_the_url(tmp_path) -> None:  
 
 # ------------------------------------------------------------------------ real tailscaled
 
-def find_tailscaled() -> str | None:
-    import shutil
-    from pathlib import Path
-
-    for c in (os.environ.get("TAILSCALED", ""), shutil.which("tailscaled") or "",
-              str(Path.home() / "go" / "bin" / "tailscaled")):
-        if c and os.access(c, os.X_OK):
-            return c
-    return None
-
-
 @pytest.fixture
 def tailscaled(tmp_path):  # noqa: ANN001, ANN201
     """A real, logged-out tailscaled (userspace networking, in-memory state)."""
     import subprocess
 
-    binary = find_tailscaled()
-    if binary is None:
-        msg = "tailscaled NOT INSTALLED (go install tailscale.com/cmd/tailscaled@v1.102.3)"
-        if os.environ.get("DERPKIT_REQUIRE_GO_PEERS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    from tests.goderper import require_go_tool
+
+    binary = require_go_tool("tailscaled")  # skips loudly, or fails in CI, when missing
     sock = str(tmp_path / "ts.sock")
     with open(tmp_path / "log", "wb") as log:
         p = subprocess.Popen(
