@@ -227,5 +227,8 @@ async def test_healthcheck_fails_when_derp_is_down(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SEED))
-def test_seed_variable_is_read_by_serve(name: str) -> None:
+def test_seed_variable_is_in_the_settings_table(name: str) -> None:
+    """Each Docker-table variable is a name the settings table reads (a lookup only: that
+    each one changes what a running server does is shown in test_env_effects.py, its
+    parsing and refusals in test_config.py)."""
     assert any(name in s.all_envs for s in SETTINGS)

@@ -3,15 +3,18 @@
 Parsing of every variable and every invalid value is covered by test_config.py; here a
 real ``derpkit serve`` process (or, for socket options, the same ``build_node`` wiring
 in-process) is started with the variable set and its behaviour is observed from outside:
-ports that answer, routes, admission, socket options via getsockopt. Certificate
-variables (CERT_MODE, CERT_DIR, HOSTNAME with TLS, HTTP_PORT) belong to the cert tests.
+ports that answer, routes, admission, certificates served and files written, the
+port-80 listener, the write timeout cutting off a reader that never reads (counted in
+``/debug/varz``), tailscaled admission over the socket SOCKET names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import struct
@@ -24,12 +27,17 @@ import pytest
 from aiohttp import web
 
 from derpkit.client import DerpClient, DerpConnectionError
+from derpkit.protocol import upgrade as U
+from derpkit.protocol.handshake import ClientInfo, client_info_frame
 from derpkit.protocol.keys import NodePrivate
+from derpkit.server import certs
 from derpkit.server.app import build_node
 from derpkit.server.config import parse_config
 
 from .helpers import recv_packet
 from .serve_proc import ServeProc, start_serve
+from .test_admission import LocalAPIStandIn
+from .test_certs import CERTNAME_RE, ahandshake
 from .test_mesh_serve import deliver_eventually, free_ports
 
 
@@ -391,3 +399,129 @@ async def test_derp_still_relays_through_env_configured_server() -> None:
         await b.close()
     finally:
         await sp.stop()
+
+
+# ------------------------------------------------------------------------ TLS mode: certificates, port 80
+
+def _tls_args(*extra: str) -> tuple[str, ...]:
+    return ("-a", "127.0.0.1:0", *BASE, "-hostname", "127.0.0.1", *extra)
+
+
+@pytest.mark.parametrize(("mode_var", "dir_var"), [("CERT_MODE", "CERT_DIR"), ("DERP_CERT_MODE", "DERP_CERT_DIR")])
+async def test_cert_mode_and_cert_dir(mode_var: str, dir_var: str, tmp_path: Path) -> None:
+    """Without the variables derper's default mode is letsencrypt; with them the server runs
+    manual TLS from that directory: an IP hostname with no files gets a self-signed pair
+    written there (CertName logged and served), and files already there are served as they are."""
+    certdir = tmp_path / "certs"
+    env = {mode_var: "manual", dir_var: str(certdir)}
+    sp = await start_serve(*_tls_args("-http-port", "-1"), env=env)
+    try:
+        crt = certdir / "127.0.0.1.crt"
+        assert crt.is_file() and (certdir / "127.0.0.1.key").is_file()
+        m = CERTNAME_RE.search("".join(sp.log))
+        assert m, "".join(sp.log)
+        leaf = hashlib.sha256(ssl.PEM_cert_to_DER_cert(crt.read_text())).hexdigest()
+        assert m.group(1) == "sha256-raw:" + leaf
+        assert (await ahandshake(sp.port))["leaf_sha256"] == leaf
+    finally:
+        assert await sp.stop() == 0
+
+    other = tmp_path / "other"
+    other.mkdir()
+    pem, key = certs.make_self_signed_ip_cert("127.0.0.1")
+    (other / "127.0.0.1.crt").write_bytes(pem)
+    (other / "127.0.0.1.key").write_bytes(key)
+    want = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode())).hexdigest()
+    sp = await start_serve(*_tls_args("-http-port", "-1"), env={mode_var: "manual", dir_var: str(other)})
+    try:
+        assert (await ahandshake(sp.port))["leaf_sha256"] == want
+        assert f"sha256-raw:{want}" in "".join(sp.log)
+    finally:
+        assert await sp.stop() == 0
+
+
+_PORT80_RE = re.compile(r"plain HTTP \(-http-port\) on port (\d+)")
+
+
+@pytest.mark.parametrize("var", ["HTTP_PORT", "DERP_HTTP_PORT"])
+async def test_http_port_moves_the_port80_listener(var: str, tmp_path: Path) -> None:
+    """The plain listener appears on the port the variable names and answers as derper's
+    does: 204 for the captive-portal check, 302 to https for GET, 400 for other methods."""
+    port = free_ports(1)[0]
+    sp = await start_serve(*_tls_args("-certmode", "manual", "-certdir", str(tmp_path)), env={var: str(port)})
+    try:
+        m = _PORT80_RE.search("".join(sp.log))
+        assert m and int(m.group(1)) == port, "".join(sp.log)
+        async with aiohttp.ClientSession() as s:
+            base = f"http://127.0.0.1:{port}"
+            async with s.get(base + "/generate_204", headers={"X-Tailscale-Challenge": "c1"}) as r:
+                assert r.status == 204 and r.headers["X-Tailscale-Response"] == "response c1"
+            async with s.get(base + "/derp/probe", headers={"Host": "relay.test"}, allow_redirects=False) as r:
+                assert r.status == 302 and r.headers["Location"] == "https://relay.test/derp/probe"
+            async with s.post(base + "/", data=b"x") as r:
+                assert (r.status, await r.text()) == (400, "Use HTTPS\n")
+    finally:
+        assert await sp.stop() == 0
+
+
+async def test_tcp_write_timeout_cuts_off_a_reader_that_never_reads() -> None:
+    """A client that completes the handshake and never reads fills the server's buffers.
+    With TCP_WRITE_TIMEOUT=300ms it is cut off and derp_sclient_write_timeouts rises; with
+    TCP_WRITE_TIMEOUT=0 (no timeout, as derper) it is never cut off, though it stays stalled
+    longer than the 2 s default: so the counter moves because of the variable."""
+    for value, want_cut in (("0", False), ("300ms", True)):
+        sp = await serve("-a", "127.0.0.1:0", *BASE, TCP_WRITE_TIMEOUT=value)
+        try:
+            sender = await DerpClient.connect(sp.url)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", sp.port))
+            _, w = await asyncio.open_connection(sock=sock)
+            slow = NodePrivate.generate()
+            w.write(U.build_request("x", fast_start=True))
+            w.write(client_info_frame(slow, sender.server_key, ClientInfo()))
+            await w.drain()
+            await asyncio.sleep(0.2)
+            blob = os.urandom(60_000)
+            for _ in range(200):  # 12 MB at a reader that takes nothing
+                await sender.send(slow.public(), blob)
+
+            async def varz(sp: ServeProc = sp) -> str:
+                return (await get(sp, "/debug/varz"))[1].decode()
+
+            # The writer to the slow reader is stalled: the server drops at its queue head.
+            async with asyncio.timeout(10):
+                while 'derp_packets_dropped{kind="other",reason="queue_head"} 0' in await varz():
+                    await asyncio.sleep(0.1)
+            if want_cut:
+                async with asyncio.timeout(10):
+                    while "derp_sclient_write_timeouts 0\n" in await varz():
+                        await asyncio.sleep(0.1)
+                assert "derp_sclient_write_timeouts 1\n" in await varz()
+                assert any("write timeout, client not reading" in line for line in sp.log)
+            else:
+                await asyncio.sleep(3.0)  # longer than the 2 s default would allow
+                assert "derp_sclient_write_timeouts 0\n" in await varz()
+                assert not any("write timeout" in line for line in sp.log)
+            w.close()
+            await sender.close()
+        finally:
+            await sp.stop()
+
+
+@pytest.mark.parametrize("var", ["VERIFY_CLIENTS", "DERP_VERIFY_CLIENTS"])
+async def test_socket_names_the_tailscaled_asked_by_verify_clients(var: str) -> None:
+    """SOCKET points -verify-clients at a LocalAPI stand-in on a Unix socket (test_admission.py):
+    a key it knows is admitted, another refused, and the stand-in saw the whois requests."""
+    async with LocalAPIStandIn() as ts:
+        known, unknown = NodePrivate.generate(), NodePrivate.generate()
+        ts.known.add(str(known.public()))
+        sp = await serve("-a", "127.0.0.1:0", *BASE, **{var: "true", "SOCKET": ts.path})
+        try:
+            assert await admitted(sp.url, known)
+            assert not await admitted(sp.url, unknown)
+            asked = {addr for _, addr, _ in ts.requests}
+            assert {str(known.public()), str(unknown.public())} <= asked
+        finally:
+            await sp.stop()
