@@ -21,6 +21,7 @@ import time
 from collections import deque
 
 from derpkit.client.conn import parse_url
+from derpkit.client.errors import DerpError
 from derpkit.client.tls import check_pin, plan_tls
 from derpkit.protocol import handshake
 from derpkit.protocol.constants import KEY_LEN, PING_DATA_LEN, FrameType
@@ -48,7 +49,12 @@ _T_SERVER_INFO = int(FrameType.SERVER_INFO)
 
 
 class DerpLoadError(Exception):
-    """Connecting, the handshake or a read/write failed; the message says which."""
+    """Connecting, the handshake or a read/write failed; the message says which.
+
+    The one error type the locust users catch: any failure of the network, TLS (including a
+    CertName pin mismatch), the DERP handshake or a malformed option surfaces as this, so it
+    is counted as a failed request rather than killing the user.
+    """
 
 
 class BlockingDerpClient:
@@ -109,7 +115,10 @@ class BlockingDerpClient:
             sock.close()
             if isinstance(e, DerpLoadError):
                 raise
-            if isinstance(e, ssl.SSLError | OSError | ProtocolError | ValueError):
+            # DerpError: the shared TLS helpers raise DerpCertificateError on a CertName pin
+            # mismatch. Everything that stops this one connection becomes a DerpLoadError,
+            # so the locust user reports a failed request instead of dying in on_start.
+            if isinstance(e, ssl.SSLError | OSError | ProtocolError | ValueError | DerpError):
                 raise DerpLoadError(f"connect to {url}: {e}") from e
             raise
         sock.settimeout(None)
