@@ -8,9 +8,11 @@ home page, for any method. DERP upgrades never reach this module (see frontdoor.
 
 from __future__ import annotations
 
+import functools
 import html
 import inspect
 import ipaddress
+import logging
 import os
 import posixpath
 import re
@@ -38,6 +40,7 @@ BROWSER_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
 }
+log = logging.getLogger("derpkit.server")
 ALL_FAMILIES = web.AppKey("all_families", Callable[[], Iterable[metrics.Family]])
 ACE = web.AppKey("ace", acemod.Ace)
 NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
@@ -105,13 +108,67 @@ def debug_allowed(request: web.Request) -> bool:
         return True
     if os.environ.get("TS_ALLOW_DEBUG_IP", "") == str(ip):
         return True
-    for cidr in filter(None, (c.strip() for c in os.environ.get("TS_DEBUG_TRUSTED_CIDRS", "").split(","))):
-        try:
-            if ip in ipaddress.ip_network(cidr, strict=False):
-                return True
-        except ValueError:
+    raw = os.environ.get("TS_DEBUG_TRUSTED_CIDRS", "")
+    try:
+        trusted = trusted_cidrs(raw)
+    except ValueError as e:
+        # derper's log.Fatalf at the first check that gets this far: exit 1 at once, no
+        # clean shutdown (Go's os.Exit runs no deferred code either).
+        log.critical("%s", e)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(1)
+    return any(ip in net for net in trusted)
+
+
+@functools.cache
+def trusted_cidrs(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """TS_DEBUG_TRUSTED_CIDRS parsed as derper does: comma-separated, spaces trimmed, empty
+    entries skipped, each entry an ``addr/bits`` prefix (host bits may be set). Any other
+    entry raises ValueError with derper's fatal message; derper exits on it."""
+    out = []
+    for entry in raw.split(","):
+        entry = entry.strip()
+        if not entry:
             continue
-    return False
+        try:
+            out.append(_parse_prefix(entry))
+        except ValueError as e:
+            raise ValueError(f"invalid CIDR in TS_DEBUG_TRUSTED_CIDRS: {acemod.go_quote(entry)}: {e}") from None
+    return tuple(out)
+
+
+def _parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Go's netip.ParsePrefix rules, and its error text: a '/' is required, no IPv6 zone,
+    bits in decimal without sign or leading zero and within the family's length. (Python
+    alone would take a bare address as a /32 or /128, or a zone, where derper stops.)"""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"netip.ParsePrefix({acemod.go_quote(text)}): {msg}")
+
+    addr_text, slash, bits = text.rpartition("/")
+    if not slash:
+        raise bad("no '/'")
+    try:
+        addr = ipaddress.ip_address(addr_text)
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if "%" in addr_text:
+        raise bad("IPv6 zones cannot be present in a prefix")
+    if not (bits.isascii() and bits.isdigit()) or (len(bits) > 1 and bits[0] == "0"):
+        raise bad("bad bits after slash: " + acemod.go_quote(bits))
+    if int(bits) > addr.max_prefixlen:
+        raise bad("prefix length out of range")
+    return ipaddress.ip_network(f"{addr}/{bits}", strict=False)
+
+
+def warn_if_bad_trusted_cidrs() -> None:
+    """At start-up, say what derper would only find out at the first outside debug check."""
+    try:
+        trusted_cidrs(os.environ.get("TS_DEBUG_TRUSTED_CIDRS", ""))
+    except ValueError as e:
+        log.warning("%s; derper and derpkit exit at the first /debug/ or home-page access check "
+                    "from an address that is not loopback, Tailscale or TS_ALLOW_DEBUG_IP", e)
 
 
 def home_page(opts: HttpOptions, debug_link: bool) -> str:
@@ -149,6 +206,7 @@ def home_page(opts: HttpOptions, debug_link: bool) -> str:
 
 def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     started = time.time()
+    warn_if_bad_trusted_cidrs()
     # CONNECT never reaches aiohttp: the front door gets this Ace (app[ACE]) from the node.
     ace = acemod.Ace(opts.ace)
 
