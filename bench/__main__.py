@@ -31,8 +31,11 @@ from .servers import DerpkitServer, GoDerperServer, Server, find_go_derper, pin_
 
 HERE = Path(__file__).resolve().parent
 HIST_BUCKETS = 400
-#: Generator busier than this share of its CPUs (while the server is not) = generator-bound.
-BUSY = 0.85
+#: Generator at least this busy (share of its own CPUs) = GENERATOR-BOUND, whatever the
+#: server's share: a saturated generator cannot offer more, so the figure is a floor for the
+#: server, not its limit. (The server's share is not part of the rule: on one pinned core a
+#: server can look busy while it still waits on the generator, and the notes print both.)
+GEN_BOUND = 0.90
 
 
 # --------------------------------------------------------------------------- generator
@@ -146,8 +149,11 @@ def rss_of(pid: int) -> int:
 
 
 def gen_note(r: dict[str, Any], gen: Generator, server_util: float) -> str:
+    """The notes column: generator and server CPU shares, and GENERATOR-BOUND when the
+    generator was at least ``GEN_BOUND`` busy (then the row says more about the generator
+    than about the server)."""
     util = r["cpu_seconds"] / max(r["wall_seconds"], 1e-9) / gen.ncpu
-    bound = util > BUSY and server_util < BUSY
+    bound = util >= GEN_BOUND
     return (f"gen CPU {util:.0%} of {gen.ncpu}, server {server_util:.0%}"
             + (" GENERATOR-BOUND" if bound else ""))
 
