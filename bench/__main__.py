@@ -1,6 +1,6 @@
 """``python -m bench``: derpkit and Go derper on loopback, one generator, one table.
 
-    python -m bench                 # full run (about 3 minutes on 2 cores)
+    python -m bench                 # full run (several minutes on 2 cores)
     python -m bench --quick         # smoke: small N, about a second per figure
     python -m bench --help
 
