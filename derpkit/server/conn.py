@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from derpkit.protocol import frames as F
 from derpkit.protocol.constants import (
     HANDSHAKE_TIMEOUT,
+    HOME_MOVE_GRACE,
     KEY_LEN,
     MIN_RATE_BURST,
     NOT_HERE_BURST,
@@ -57,6 +58,12 @@ _HANDSHAKE, _ADMITTING, _RUNNING, _CLOSED = range(4)
 _BIG_READ = 16 * 1024
 #: Bytes read from one client per event-loop turn before its reader waits a turn.
 READ_BUDGET = 64 * 1024
+#: Pongs answered per loop turn while the client's socket takes data. derper has a 1-slot
+#: pong queue drained by its writer goroutine: an idle writer takes the first Pong out of
+#: the slot at once, the second waits in it, later Pings are ignored until the writer
+#: comes back. Against Go derper, 5 Pings in one write get exactly 2 Pongs (the first two);
+#: while the socket is full (the writer blocked) only the slot is left: 1.
+_PONGS_WRITABLE = 2
 
 
 class ClientConn(asyncio.Protocol):
@@ -69,6 +76,7 @@ class ClientConn(asyncio.Protocol):
         "peer_gone_srcs", "_nh_tokens", "_nh_last", "_rate_tokens", "_rate_last",
         "last_recv", "_ping_sent", "close_reason", "_loop", "_kj", "_turn_in", "_turn_paused",
         "tcp_sock", "rtt_due", "_mesh_batch", "_tls_label",
+        "_ob_n", "_ob_b", "_ob_dn", "_ob_db", "_pongs",
     )
 
     def __init__(
@@ -114,6 +122,12 @@ class ClientConn(asyncio.Protocol):
         self.rtt_due = 0.0
         self._mesh_batch = 0
         self._tls_label: str | None = None
+        # Packets (count, bytes; regular then disco) in this turn's batch: counted as sent
+        # once the batch is handed to the transport, or dropped by reason if it is not.
+        self._ob_n = self._ob_b = self._ob_dn = self._ob_db = 0
+        # Pongs not yet handed to the socket (derper's pong slot plus the one its writer
+        # holds; see _PONGS_WRITABLE).
+        self._pongs = 0
         self.close_reason = ""
         self._loop = asyncio.get_running_loop()
 
@@ -179,6 +193,9 @@ class ClientConn(asyncio.Protocol):
                 for _data, n, _t in q:
                     stats.drop("gone_disconnected", q is self._qd, n)
                 q.clear()
+        # Packets of a batch never handed to the transport (an abort, or the peer went away
+        # before the flush): like derper draining its queues, they are gone_disconnected.
+        self._drop_batch("gone_disconnected")
         self._out = None
         self.server.conns.discard(self)
         if self._tls_label is not None:
@@ -353,6 +370,11 @@ class ClientConn(asyncio.Protocol):
                     self._fail(e)
                     return
                 assert isinstance(ping, F.Ping)
+                if self._pongs >= (1 if self._paused else _PONGS_WRITABLE):
+                    # derper's pong queue holds one; a Ping while it is taken is ignored
+                    # ("pinging too fast"), so a ping flood cannot pile Pongs up here.
+                    continue
+                self._pongs += 1
                 self._write(_PONG_HDR + ping.data)
                 stats.sent_pong += 1
             elif ftype in (_NOTE, _FWD, _WATCH, _CLOSE):
@@ -383,7 +405,7 @@ class ClientConn(asyncio.Protocol):
         if preferred == self.preferred:
             return
         self.preferred = preferred
-        if self._loop.time() - self.created > 5.0:
+        if self._loop.time() - self.created > HOME_MOVE_GRACE:
             if preferred:
                 self.server.stats.home_moves_in += 1
             else:
@@ -444,6 +466,37 @@ class ClientConn(asyncio.Protocol):
             t.write(out[0])
         else:
             t.writelines(out)
+        if self._pongs and not self._paused:
+            self._pongs = 0  # handed over; a full socket keeps the slot taken
+        if self._ob_n or self._ob_dn:
+            if t.is_closing():
+                # Still running, yet the transport is closing: the OS refused a write
+                # (reset, broken pipe) and asyncio dropped the data; connection_lost comes
+                # next turn. derper counts a packet whose write fails as write_error.
+                self._drop_batch("write_error")
+            else:
+                stats.packets_sent += self._ob_n + self._ob_dn
+                stats.bytes_sent += self._ob_b + self._ob_db
+                self._ob_n = self._ob_b = self._ob_dn = self._ob_db = 0
+
+    def _drop_batch(self, reason: str) -> None:
+        """Count this batch's packets as dropped for ``reason`` (both disco and other)."""
+        stats = self.server.stats
+        for disco, count, nbytes in ((False, self._ob_n, self._ob_b), (True, self._ob_dn, self._ob_db)):
+            if count:
+                key = (reason, "disco" if disco else "other")
+                stats.dropped_packets[key] += count
+                stats.dropped_bytes[key] += nbytes
+        self._ob_n = self._ob_b = self._ob_dn = self._ob_db = 0
+
+    def _batch_packet(self, frame: bytes, disco: bool, nbytes: int) -> None:
+        self._write(frame)
+        if disco:
+            self._ob_dn += 1
+            self._ob_db += nbytes
+        else:
+            self._ob_n += 1
+            self._ob_b += nbytes
 
     def enqueue_packet(self, frame: bytes, disco: bool, nbytes: int) -> None:
         """Deliver one RecvPacket frame, or queue it while the client is not reading."""
@@ -452,9 +505,7 @@ class ClientConn(asyncio.Protocol):
             stats.drop("gone_disconnected", disco, nbytes)
             return
         if not self._paused:
-            self._write(frame)
-            stats.packets_sent += 1
-            stats.bytes_sent += nbytes
+            self._batch_packet(frame, disco, nbytes)
             return
         if disco:
             q = self._qd
@@ -533,6 +584,7 @@ class ClientConn(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._pongs = 0  # the Pongs held back went out with the buffer
         if self._timer is not None and self.state == _RUNNING:
             self._timer.cancel()
             self._timer = None
@@ -541,9 +593,7 @@ class ClientConn(asyncio.Protocol):
         for q in (self._qd, self._qr):
             while q and not self._paused:
                 data, n, t0 = q.popleft()
-                self._write(data)
-                stats.packets_sent += 1
-                stats.bytes_sent += n
+                self._batch_packet(data, q is self._qd, n)
                 stats.note_queue_duration(now - t0)
 
     def _write_timeout(self) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
+
+import pytest
 
 from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
@@ -253,3 +257,161 @@ async def test_write_batches_and_fast_start_are_measured() -> None:
         total = int(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("derp_buffered_write_frames_sum")))
         assert count >= 1 and total >= 50 + 2  # every packet and both ServerInfos were written
         assert "derpkit_fast_start_accepts 1" in text
+
+
+# --- drops counted by the spec's reasons ----------------------------------------------------
+
+
+def _server_conn(node, key: NodePrivate):  # noqa: ANN001, ANN202
+    """The server-side connection of ``key`` (to read how many packets it holds)."""
+    return node.server.clients[key.public().raw].active
+
+
+async def _stalled_client(port: int, key: NodePrivate) -> socket.socket:
+    """A real client with a tiny receive buffer that completes the handshake, then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    from derpkit.protocol import upgrade as U
+    from derpkit.protocol.handshake import ClientInfo, client_info_frame
+    from derpkit.protocol.keys import NodePublic
+
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, U.build_request("x", fast_start=True))
+    # Fast start: the server's first bytes are its ServerKey frame (5 + 8 + 32 bytes).
+    data = b""
+    async with asyncio.timeout(5):
+        while len(data) < 45:
+            chunk = await loop.sock_recv(sock, 45 - len(data))
+            assert chunk, "server closed before ServerKey"
+            data += chunk
+    server_key = NodePublic(F.decode_server_key(data[0], data[5:45]).key)
+    await loop.sock_sendall(sock, client_info_frame(key, server_key, ClientInfo()))
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), as a crashed client or a NAT timeout looks."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_packets_queued_for_a_receiver_that_leaves_are_gone_disconnected() -> None:
+    async with running_node(write_timeout=60.0) as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        sender = await DerpClient.connect(node.url)
+        slow_key = NodePrivate.generate()
+        sock = await _stalled_client(node.port, slow_key)
+        async with asyncio.timeout(5):
+            while slow_key.public().raw not in node.server.clients:
+                await asyncio.sleep(0.01)
+        conn = _server_conn(node, slow_key)
+        blob = os.urandom(60_000)
+        disco = DISCO_MAGIC + os.urandom(32 + 24 + 40)
+        async with asyncio.timeout(10):
+            while not conn._qr:  # noqa: SLF001 - until the socket is full and packets wait
+                await sender.send(slow_key.public(), blob)
+                await sender.ping()
+        await sender.send(slow_key.public(), disco)
+        await sender.send(slow_key.public(), blob)
+        await sender.ping()
+        queued_regular = len(conn._qr)  # noqa: SLF001
+        queued_disco = len(conn._qd or ())  # noqa: SLF001
+        assert queued_regular >= 2 and queued_disco == 1
+        d = node.server.stats.dropped_packets
+        assert d[("gone_disconnected", "other")] == 0
+        _reset(sock)
+        async with asyncio.timeout(5):
+            while slow_key.public().raw in node.server.clients:
+                await asyncio.sleep(0.01)
+        assert d[("gone_disconnected", "other")] == queued_regular
+        assert d[("gone_disconnected", "disco")] == queued_disco
+        assert node.server.stats.sclient_write_timeouts == 0
+        # Sent after it left: nothing to deliver to, an ordinary unknown destination.
+        await sender.send(slow_key.public(), b"late")
+        await sender.ping()
+        assert d[("unknown_dest", "other")] == 1
+        await exchange(a, b, 2)
+
+
+async def _write_error_scenario() -> dict[str, int]:
+    """A receiver whose socket was reset while the server was not reading from it.
+
+    -rate-config makes the server stop reading B (B overdraws its bucket by a day), so the
+    RST B's kernel sends is noticed only when the server next writes to B: the OS refuses
+    that write. This is derper's write_error: a packet whose write() failed.
+    """
+    async with running_node() as node:
+        node.server.set_rate_limit(1, 0)
+        a = await DerpClient.connect(node.url)
+        b_key = NodePrivate.generate()
+        sock = await _stalled_client(node.port, b_key)
+        async with asyncio.timeout(5):
+            while b_key.public().raw not in node.server.clients:
+                await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        big = F.SendPacket(a.public_key.raw, bytes(65_536)).encode()
+        await loop.sock_sendall(sock, big + big)  # the second frame waits ~18 hours
+        await recv_packet(a)
+        async with asyncio.timeout(5):
+            while node.server.stats.rate_limit_waited == 0:
+                await asyncio.sleep(0.01)
+        _reset(sock)
+        await asyncio.sleep(0.1)
+        await a.send(b_key.public(), b"into a reset socket")
+        await a.ping()
+        async with asyncio.timeout(5):
+            while b_key.public().raw in node.server.clients:
+                await asyncio.sleep(0.01)
+        d = node.server.stats.dropped_packets
+        s = node.server.stats
+        return {
+            "write_error": d[("write_error", "other")],
+            "gone_disconnected": d[("gone_disconnected", "other")],
+            "packets_sent": s.packets_sent,
+        }
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_failed_write_is_counted_as_write_error(loop_kind: str) -> None:
+    """Run on both loops: ``derpkit serve`` uses uvloop, in-process tests use asyncio."""
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        got = uvloop.run(_write_error_scenario())
+    else:
+        got = asyncio.run(_write_error_scenario())
+    assert got["write_error"] == 1, got
+    assert got["packets_sent"] == 1, got  # only B's packet to A; the failed one is not sent
+    assert got["gone_disconnected"] == 0, got
+
+
+async def test_forward_packet_to_an_unknown_key_is_unknown_dest_on_fwd() -> None:
+    from derpkit.protocol.keys import MeshKey
+
+    mesh_key = MeshKey.generate()
+    async with running_node(mesh_key=mesh_key) as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        peer = await DerpClient.connect(node.url, mesh_key=mesh_key)
+        src = NodePrivate.generate().public()
+        nobody = NodePrivate.generate().public()
+        await peer.forward_packet(src, nobody, b"regular")
+        await peer.forward_packet(src, nobody, DISCO_MAGIC + os.urandom(32 + 24 + 40))
+        gone = await recv_kind(peer, F.PeerGone)
+        assert gone.key == nobody.raw and gone.reason == PeerGoneReason.NOT_HERE
+        s = node.server.stats
+        assert s.packets_forwarded_in == 2
+        d = s.dropped_packets
+        assert d[("unknown_dest_on_fwd", "other")] == 1
+        assert d[("unknown_dest_on_fwd", "disco")] == 1
+        assert d[("unknown_dest", "other")] == 0 and d[("unknown_dest", "disco")] == 0
+        assert await nothing_arrives(peer, F.PeerGone)  # the regular one gets no notice
+        # A forwarded packet to a connected key is delivered with the original sender's key.
+        await peer.forward_packet(src, a.public_key, b"forwarded")
+        got = await recv_packet(a)
+        assert got.src == src.raw and got.data == b"forwarded"
+        await exchange(a, b, 2)
+        assert not peer.closed
+
