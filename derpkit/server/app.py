@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from derpkit import __version__
 from derpkit.protocol.keys import KeyError_, MeshKey, NodePrivate
 
-from . import keyfile, limits, verify
+from . import keyfile, limits, setec, verify
 from .bootstrap_dns import BootstrapDNS
 from .config import ConfigError, ServeConfig, parse_config
 from .http import HttpOptions
@@ -32,8 +32,12 @@ class StartupError(Exception):
     """Fatal start-up problem: one line for the operator, exit status 1."""
 
 
-def load_mesh_key(cfg: ServeConfig) -> MeshKey | None:
-    """Where derper finds the mesh key: dev env var, setec, or the PSK file (first wins)."""
+def load_mesh_key(cfg: ServeConfig, setec_value: bytes | None = None) -> MeshKey | None:
+    """Where derper finds the mesh key: dev env var, setec, or the PSK file (first wins).
+
+    The setec fetch is asynchronous and may wait a long time, so ``serve`` does it first
+    (``fetch_setec_mesh_key``) and passes the secret's value in ``setec_value``.
+    """
     if cfg.dev:
         text = os.environ.get("TAILSCALE_DERPER_MESH_KEY", "")
         if not text:
@@ -42,10 +46,13 @@ def load_mesh_key(cfg: ServeConfig) -> MeshKey | None:
         log.info("Set mesh key from TAILSCALE_DERPER_MESH_KEY")
         source = "TAILSCALE_DERPER_MESH_KEY"
     elif cfg.secrets_url:
-        raise StartupError(
-            "derpkit: -secrets-url (env SECRETS_URL): fetching the mesh key from setec is not "
-            "supported; put the key in a file and use -mesh-psk-file (env MESH_PSKFILE)"
-        )
+        if setec_value is None:
+            raise StartupError("derpkit: -secrets-url (env SECRETS_URL): the setec secret was not fetched")
+        # derper converts the bytes to a string as they are; an empty value means no key.
+        text = setec_value.decode("utf-8", errors="replace")
+        if not text:
+            return None
+        source = f"setec secret {setec.secret_name(cfg.secrets_path_prefix)} at {cfg.secrets_url}"
     elif cfg.mesh_psk_file:
         try:
             with open(cfg.mesh_psk_file) as f:
@@ -59,6 +66,33 @@ def load_mesh_key(cfg: ServeConfig) -> MeshKey | None:
         return MeshKey.parse(text)
     except KeyError_ as e:
         raise StartupError(f"derpkit: {e} (from {source}): want 64 hexadecimal digits") from None
+
+
+async def fetch_setec_mesh_key(cfg: ServeConfig, stop: asyncio.Event) -> bytes | None:
+    """The raw mesh-key secret when -secrets-url applies (not in -dev), else None.
+
+    Waits, as derper does, until the secret is in the cache or the server gives it; ``stop``
+    (set by SIGINT/SIGTERM) ends the wait with a fatal error, like derper's cancelled context.
+    """
+    if cfg.dev or not cfg.secrets_url:
+        return None
+    settings = (
+        f"-secrets-url {cfg.secrets_url} (env SECRETS_URL), -secrets-path-prefix "
+        f"{cfg.secrets_path_prefix} (env SECRETS_PREFIX), -secrets-cache-dir "
+        f"{cfg.secrets_cache_dir} (env SECRETS_CACHEDIR)"
+    )
+    try:
+        return await setec.fetch_mesh_secret(
+            cfg.secrets_url, cfg.secrets_path_prefix, cfg.secrets_cache_dir, stop
+        )
+    except setec.SetecStopped as e:
+        raise StartupError(f"NewStore: {e} [{settings}]") from None
+    except setec.SetecError as e:
+        # Only the cache path can fail this way (setec's NewFileCache).
+        raise StartupError(
+            f"NewFileCache: {e} [-secrets-cache-dir {cfg.secrets_cache_dir} (env SECRETS_CACHEDIR) "
+            "is used as a file path]"
+        ) from None
 
 
 def load_server_key(cfg: ServeConfig) -> NodePrivate:
@@ -96,10 +130,17 @@ def load_rate_config(path: str) -> tuple[int, int]:
     return rate, burst
 
 
-def build_node(cfg: ServeConfig) -> DerpNode:
-    """Everything derper decides before listening, as a ``DerpNode``."""
-    key = load_server_key(cfg)
-    mesh_key = load_mesh_key(cfg)
+def build_node(
+    cfg: ServeConfig, *, key: NodePrivate | None = None, setec_value: bytes | None = None
+) -> DerpNode:
+    """Everything derper decides before listening, as a ``DerpNode``.
+
+    ``key`` is the server key if already loaded; ``setec_value`` the mesh-key secret
+    fetched by ``fetch_setec_mesh_key`` (both come from ``serve``).
+    """
+    if key is None:
+        key = load_server_key(cfg)
+    mesh_key = load_mesh_key(cfg, setec_value)
     mesh_with = cfg.mesh_with_list
     if mesh_with and mesh_key is None:
         raise StartupError("startMesh: --mesh-with requires --mesh-psk-file (env MESH_WITH, MESH_PSKFILE)")
@@ -171,11 +212,15 @@ def apply_rate_config(node: DerpNode, path: str) -> None:
 
 
 async def serve(cfg: ServeConfig) -> int:
-    node = build_node(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # derper's order: server key (step 7) before the mesh key (step 10), whose setec fetch
+    # may wait until a signal; the signal handlers above are already in place for that.
+    key = load_server_key(cfg)
+    setec_value = await fetch_setec_mesh_key(cfg, stop)
+    node = build_node(cfg, key=key, setec_value=setec_value)
     if cfg.rate_config:
         def reload_rate() -> None:
             log.info("derper: received SIGHUP, reloading rate config from %s", cfg.rate_config)

@@ -227,6 +227,13 @@ def _http_port(value: int) -> str | None:
     )
 
 
+def _setec_url(value: str) -> str | None:
+    """derper accepts any string and then retries an unusable URL for ever; refuse it."""
+    from .setec import check_url
+
+    return check_url(value)
+
+
 def _not_nan(value: float) -> str | None:
     return "must be a number or +Inf, not NaN" if math.isnan(value) else None
 
@@ -393,21 +400,25 @@ SETTINGS: tuple[Setting, ...] = (
         ("SECRETS_URL",),
         "string",
         "",
-        "setec server URL to fetch the mesh key from.",
+        "setec server URL (http:// or https://) to fetch the mesh key from; it beats "
+        "-mesh-psk-file. Start-up waits until the key is in the cache or the server gives "
+        "it. See docs/secrets.md.",
+        check=_setec_url,
     ),
     Setting(
         "secrets-path-prefix",
         ("SECRETS_PREFIX", "SECRET_PREFIX"),
         "string",
         "prod/derp",
-        "setec name prefix; the key is read from <prefix>/meshkey.",
+        "setec name prefix: the mesh key is the secret <prefix>/meshkey.",
     ),
     Setting(
         "secrets-cache-dir",
         ("SECRETS_CACHEDIR",),
         "string",
         _default_secrets_cache,
-        "setec cache location (used as a file path despite the name).",
+        "setec cache FILE (a file path despite the name; an existing directory there is "
+        "fatal). A key found in it is used without asking the server.",
         default_doc="`$HOME/.cache/derper-secrets`",
     ),
     Setting(
