@@ -17,7 +17,8 @@ v0.0.0-20251203133219-2ab774e4129a, the one tailscale v1.102.3 pins) does for ``
 What it leaves out: the caller's Tailscale identity and ACLs (every caller may read every
 secret) and the other API calls. Every request is recorded so tests can compare what
 derpkit and Go derper sent. ``fail_with`` makes it answer every request with that status
-(``http.Error`` style text body), for "server error" tests.
+(``http.Error`` style text body), for "server error" tests. tests/server/setecserver runs
+setec's own server code instead, for the checks that need no request recording.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """``derpkit serve -secrets-url``: the mesh key from a setec server, as Go derper gets it.
 
-Everything runs as real processes over real loopback HTTP. The setec side is a stand-in
-(tests/server/setec_standin.py says why and what it reproduces of setec's server); the
-derpkit side is the ``derpkit serve`` command an operator runs, judged by its log, its
-cache file, its exit status and by DERP clients that need the mesh key (a watcher, or a
-packet forwarded between two meshed processes). The last test puts Go derper in front of
-the same stand-in.
+Everything runs as real processes over real loopback HTTP. The real setec server needs a
+tailnet, so the setec side is either a Python stand-in that records requests
+(tests/server/setec_standin.py says why and what it reproduces) or, in the last test,
+setec's own server code on loopback (tests/server/setecserver). The derpkit side is the
+``derpkit serve`` command an operator runs, judged by its log, its cache file, its exit
+status and by DERP clients that need the mesh key (a watcher, or a packet forwarded between
+two meshed processes). Go derper is put in front of the same setec as a reference.
 """
 
 from __future__ import annotations
@@ -480,3 +481,130 @@ def test_secret_name_is_go_path_join() -> None:
     assert secret_name("") == "meshkey"
     assert secret_name("//a/./b/../c") == "/a/c/meshkey"
 
+
+
+# --- setec's own server code (tests/server/setecserver) ---------------------------------
+
+SETEC_SERVER_SRC = Path(__file__).parent / "setecserver"
+
+
+@pytest.fixture(scope="module")
+def setec_server_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Build tests/server/setecserver: setec's real API handlers and database on loopback."""
+    import shutil
+    import subprocess
+
+    from tests.goderper import REQUIRE_ENV
+
+    go = shutil.which("go")
+    if go is None:
+        msg = "Go toolchain NOT INSTALLED: the setec-server tests need `go` to build tests/server/setecserver"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
+        pytest.skip(msg)
+    out = str(tmp_path_factory.mktemp("setecserver") / "setecserver")
+    p = subprocess.run([go, "build", "-o", out, "."], cwd=SETEC_SERVER_SRC, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, GOFLAGS="-mod=mod"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+class RealSetec:
+    """A running tests/server/setecserver process; secrets go in through setec's own API."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        self.proc, self.url = proc, url
+
+    @classmethod
+    async def start(cls, binary: str, state: Path, allow: str | None = None) -> RealSetec:
+        os.makedirs(state, exist_ok=True)
+        args = [binary, "-state", str(state)] + ([] if allow is None else ["-allow", allow])
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        assert proc.stdout is not None
+        async with asyncio.timeout(15):
+            line = await proc.stdout.readline()
+        return cls(proc, json.loads(line)["url"])
+
+    async def call(self, method: str, body: dict) -> tuple[int, bytes]:
+        import aiohttp
+
+        headers = {"Content-Type": "application/json", "Sec-X-Tailscale-No-Browsers": "setec"}
+        async with aiohttp.ClientSession() as s, s.post(f"{self.url}/api/{method}", json=body,
+                                                       headers=headers) as r:
+            return r.status, await r.read()
+
+    async def put(self, name: str, value: bytes, activate: bool = False) -> int:
+        status, body = await self.call("put", {"Name": name, "Value": base64.b64encode(value).decode()})
+        assert status == 200, body
+        version = int(json.loads(body))
+        if activate:
+            status, body = await self.call("activate", {"Name": name, "Version": version})
+            assert status == 200, body
+        return version
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def test_real_setec_server_code_serves_derpkit_and_go_derper(
+    setec_server_binary: str, tmp_path: Path
+) -> None:
+    """setec's own handlers (only identity and transport replaced) give derpkit and Go derper
+    the same key, serve a rotated version, and refuse unknown or forbidden secrets."""
+    real = await RealSetec.start(setec_server_binary, tmp_path / "setec")
+    denied = await RealSetec.start(setec_server_binary, tmp_path / "setec-denied", allow="put")
+    go = None
+    try:
+        key = MeshKey.generate()
+        assert await real.put(NAME, key.hex().encode() + b"\n") == 1
+        port = free_port()
+        ours = await start_serve(*serve_args(tmp_path, port), env={
+            "SECRETS_URL": real.url, "SECRETS_CACHEDIR": str(tmp_path / "ours" / "cache")})
+        try:
+            assert "Got mesh key from setec store" in "".join(ours.log)
+            assert await mesh_key_in_force(port, key)
+        finally:
+            await ours.stop()
+
+        from tests.goderper import start_derper
+
+        go = await asyncio.to_thread(
+            start_derper, tmp_path / "go",
+            extra_args=("-secrets-url", real.url, "-secrets-cache-dir", str(tmp_path / "go" / "cache")),
+        )
+        assert "Got mesh key from setec store" in go.log(), go.log()
+        assert await mesh_key_in_force(go.port, key)
+
+        # A new active version reaches a server that starts without a cache.
+        rotated = MeshKey.generate()
+        assert await real.put(NAME, rotated.hex().encode(), activate=True) == 2
+        port = free_port()
+        ours = await start_serve(*serve_args(tmp_path, port, "-secrets-url", real.url,
+                                             "-secrets-cache-dir", str(tmp_path / "fresh-cache")))
+        try:
+            assert await mesh_key_in_force(port, rotated)
+        finally:
+            await ours.stop()
+        cached = json.loads((tmp_path / "fresh-cache").read_text())[NAME]["secret"]
+        assert cached["Version"] == 2 and base64.b64decode(cached["Value"]) == rotated.hex().encode()
+
+        # Unknown name (404) and a caller without "get" (403): start-up waits, as in Go.
+        for url, prefix, why in ((real.url, "nope", "not found"), (denied.url, "prod/derp", "access denied")):
+            await denied.put(NAME, key.hex().encode())
+            p = await Waiting.start(serve_args(tmp_path, free_port(), "-secrets-url", url,
+                                               "-secrets-path-prefix", prefix,
+                                               "-secrets-cache-dir", str(tmp_path / f"c-{prefix}")))
+            try:
+                await p.until(rf'\[store\] error fetching "{prefix}/meshkey": {why} \(retrying\)')
+                p.proc.terminate()
+                assert await p.finish() == 1
+            finally:
+                await p.kill()
+    finally:
+        if go is not None:
+            await asyncio.to_thread(go.stop)
+        await real.stop()
+        await denied.stop()
