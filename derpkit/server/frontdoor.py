@@ -10,8 +10,9 @@ A CONNECT is answered here as well, never by aiohttp (whose parser insists on a 
 header and would swallow the connection as an upgrade). On the TLS listener it goes to
 derper's ACE rules (ace.py): 403 when disabled or for a bad target, 502 when the dial
 fails, a byte tunnel otherwise. On a plain listener derper's mux answers an
-authority-form CONNECT with 404. After an error answer the connection stays open for the
-next request, as Go's server keeps it.
+authority-form CONNECT with 404. The port-80 listener of TLS mode passes ``plain_connect``
+(port80.py), which answers every CONNECT there as derper's port-80 handler does. After an
+error answer the connection stays open for the next request, as Go's server keeps it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("derpkit.server")
 
+#: (request URI, headers keyed in lower case, HTTP/1.0, closing) -> response bytes or None.
+PlainConnect = Callable[[bytes, dict[str, str], bool, bool], "bytes | None"]
+
 #: derper's HTTP server read timeout; a connection that sends no request head is dropped.
 HEAD_TIMEOUT = 30.0
 
@@ -42,6 +46,7 @@ class FrontDoor(asyncio.Protocol):
 
     __slots__ = (
         "server", "http_factory", "derp_enabled", "transport", "buf", "timer", "on_connect", "ace", "dialing", "skip",
+        "plain_connect",
     )
 
     def __init__(
@@ -52,8 +57,12 @@ class FrontDoor(asyncio.Protocol):
         derp_enabled: bool = True,
         on_connect: Callable[[Any], bool] | None = None,
         ace: acemod.Ace | None = None,
+        plain_connect: PlainConnect | None = None,
     ) -> None:
         self.server = server
+        #: Answers a CONNECT on a plain listener (whole response bytes), or None to hand it
+        #: to aiohttp; unset, the plain-mode rule applies (404 for the authority form).
+        self.plain_connect = plain_connect
         #: The listener's CONNECT settings and counters; None answers CONNECT as -ace=false.
         self.ace = ace if ace is not None else acemod.Ace()
         #: The upstream dial of a CONNECT in progress (reading is paused meanwhile).
@@ -175,14 +184,21 @@ class FrontDoor(asyncio.Protocol):
             t.write(acemod.GO_BAD_REQUEST)
             t.close()
             return False
+        conn_tokens = {v.strip().lower() for v in headers.get("connection", "").split(",")}
+        # A chunked body is not worth parsing on a refused CONNECT: answer, then hang up.
+        close = http10 or "close" in conn_tokens or "transfer-encoding" in headers
+        if not tls and self.plain_connect is not None:
+            answer = self.plain_connect(uri, headers, http10, close)
+            if answer is None:
+                self._to_http()
+                return False
+            self.buf = rest
+            return self._answer(answer, close, int(length))
         if not tls and b"/" in uri:
             # derper's mux routes such a request by its path (home page, probes...);
             # aiohttp answers it instead, a difference listed in docs/compat.md.
             self._to_http()
             return False
-        conn_tokens = {v.strip().lower() for v in headers.get("connection", "").split(",")}
-        # A chunked body is not worth parsing on a refused CONNECT: answer, then hang up.
-        close = http10 or "close" in conn_tokens or "transfer-encoding" in headers
         self.buf = rest
         if not tls:
             return self._answer(acemod.go_error(404, "404 page not found", http10=http10, close=close), close, int(length))

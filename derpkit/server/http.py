@@ -337,7 +337,7 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
         return f"<html><body><h1>derpkit debug</h1><ul>{rows}</ul><ul>{links}</ul></body></html>\n"
 
     app = web.Application(middlewares=[go_mux_cleanup])
-    app.on_response_prepare.append(_drop_server_header)
+    app.on_response_prepare.append(set_server_header)
     app.router.add_route("*", "/derp", derp)
     app.router.add_route("*", "/derp/probe", probe)
     app.router.add_route("*", "/derp/latency-check", probe)
@@ -407,15 +407,19 @@ async def go_mux_cleanup(request: web.Request, handler: Callable[[web.Request], 
     return await handler(request)
 
 
-async def _drop_server_header(request: web.Request, response: web.StreamResponse) -> None:
+async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
     # derper sends no Server header; aiohttp only adds its own when none is set.
     response.headers["Server"] = "derpkit"
 
 
 def no_content(request: web.Request) -> web.Response:
     """/generate_204: the captive-portal check with Tailscale's challenge/response."""
+    return web.Response(status=204, headers=no_content_headers(request.headers.get("X-Tailscale-Challenge", "")))
+
+
+def no_content_headers(challenge: str) -> dict[str, str]:
+    """derper's ServeNoContent headers: the challenge echoed only when short and plain."""
     headers = {"Cache-Control": NO_CACHE}
-    challenge = request.headers.get("X-Tailscale-Challenge", "")
     if challenge and _CHALLENGE_RE.match(challenge):
         headers["X-Tailscale-Response"] = "response " + challenge
-    return web.Response(status=204, headers=headers)
+    return headers

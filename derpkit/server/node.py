@@ -205,16 +205,24 @@ class DerpNode:
                 link.start()
 
     async def _start_port80(self, main_app: web.Application, host: str | None) -> None:
-        from .port80 import build_port80_app
+        from .port80 import build_port80_app, connect_answer
 
         assert self.opts.http_port is not None
         self.port80_runner = web.AppRunner(
             build_port80_app(main_app, self.opts.acme_http01), access_log=None, handle_signals=False
         )
         await self.port80_runner.setup()
-        assert self.port80_runner.server is not None
+        factory = self.port80_runner.server
+        assert factory is not None
+        hook = connect_answer(self.opts.acme_http01)
+
+        def door() -> FrontDoor:
+            # No DERP here (derper redirects /derp to https); the front door only keeps
+            # CONNECT away from aiohttp and answers it as derper's port-80 handler does.
+            return FrontDoor(self.server, factory, derp_enabled=False, plain_connect=hook)
+
         self.port80 = await asyncio.get_running_loop().create_server(
-            self.port80_runner.server, host, self.opts.http_port, reuse_address=True
+            door, host, self.opts.http_port, reuse_address=True
         )
         self.http_port = self.port80.sockets[0].getsockname()[1]
         if self.opts.tune_listener is not None:

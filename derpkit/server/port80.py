@@ -11,16 +11,24 @@ In order:
 5. everything else: 302 to ``https://<Host header><raw URI>`` (``/`` from a requester allowed
    into debug goes to ``https://<Host>/debug/``). The Host header is copied as sent, port
    included, as derper does.
+
+A CONNECT never reaches aiohttp here (its parser takes CONNECT for an upgrade): the front
+door asks ``connect_answer`` instead, which applies the same order to the path Go's URL
+parser finds in the CONNECT target (none for ``host:port``: Go's mux then answers 404).
+Checked side by side with Go derper in tests/interop/test_port80_go.py.
 """
 
 from __future__ import annotations
 
 import html
+import urllib.parse
 from collections.abc import Callable
+from email.utils import formatdate
 
 from aiohttp import web
 
-from .http import debug_allowed, go_error, no_content
+from .frontdoor import PlainConnect
+from .http import debug_allowed, go_error, no_content, no_content_headers, set_server_header
 
 #: (host header, path) -> (status, body) for ACME HTTP-01 paths, or None if not ACME.
 AcmeResponder = Callable[[str, str], "tuple[int, str] | None"]
@@ -28,6 +36,16 @@ AcmeResponder = Callable[[str, str], "tuple[int, str] | None"]
 
 def build_port80_app(main_app: web.Application, acme: AcmeResponder | None = None) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
+        resp = await answer(request)
+        tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+        if "upgrade" in tokens and "Upgrade" in request.headers:
+            # aiohttp reads whatever follows an upgrade request as that request's stream,
+            # so a next request on this connection would never be answered: hang up after
+            # the answer instead (Go keeps the connection; docs/operations.md).
+            resp.force_close()
+        return resp
+
+    async def answer(request: web.Request) -> web.StreamResponse:
         if request.path == "/generate_204":
             return no_content(request)
         if acme is not None and request.path.startswith("/.well-known/acme-challenge/"):
@@ -53,5 +71,57 @@ def build_port80_app(main_app: web.Application, acme: AcmeResponder | None = Non
         )
 
     app = web.Application()
+    app.on_response_prepare.append(set_server_header)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def _go_response(status: int, headers: dict[str, str], body: bytes, http10: bool, close: bool) -> bytes:
+    """A response laid out as Go's server writes one: handler headers sorted, Date, then
+    Content-Length (none for 204) and ``Connection: close`` when it will hang up."""
+    reason = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}[status]
+    head = [f"HTTP/1.{0 if http10 else 1} {status} {reason}"]
+    head += [f"{k}: {v}" for k, v in sorted(headers.items())]
+    head.append(f"Date: {formatdate(usegmt=True)}")
+    if status != 204:
+        head.append(f"Content-Length: {len(body)}")
+    if close and not http10:
+        head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _go_error(status: int, message: str, http10: bool, close: bool) -> bytes:
+    """Go's http.Error as whole response bytes."""
+    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"}
+    return _go_response(status, headers, (message + "\n").encode(), http10, close)
+
+
+def connect_answer(acme: AcmeResponder | None = None) -> PlainConnect:
+    """The front door's CONNECT hook for the port-80 listener (see the module docstring)."""
+
+    def answer(uri: bytes, headers: dict[str, str], http10: bool, close: bool) -> bytes | None:
+        target = uri.decode("utf-8", "replace")
+        if target.startswith("/"):
+            path = target.split("?", 1)[0]
+        else:
+            # Go reads "host:port/p?q" as http://host:port/p?q: the path is "/p".
+            rest = target.split("?", 1)[0]
+            slash = rest.find("/")
+            path = rest[slash:] if slash >= 0 else ""
+        path = urllib.parse.unquote(path)
+        if path == "":
+            return _go_error(404, "404 page not found", http10, close)
+        if path == "/generate_204":
+            return _go_response(204, no_content_headers(headers.get("x-tailscale-challenge", "")), b"", http10, close)
+        if acme is not None and path.startswith("/.well-known/acme-challenge/"):
+            got = acme(headers.get("host", ""), path)
+            if got is not None:
+                status, body = got
+                if status == 200:
+                    return _go_response(200, {"Content-Type": "text/plain; charset=utf-8"}, body.encode(), http10, close)
+                return _go_error(status, body, http10, close)
+        if target.startswith("/debug"):
+            return None  # the main application's routes, as for any other method
+        return _go_error(400, "Use HTTPS", http10, close)
+
+    return answer

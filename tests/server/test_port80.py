@@ -177,3 +177,27 @@ async def test_port80_connections_get_the_socket_options(tmp_path: Path) -> None
         writer.close()
     finally:
         await n.stop()
+
+
+async def test_connect_is_answered_as_derpers_port80_handler(node: DerpNode) -> None:
+    """CONNECT never reaches aiohttp here: authority form 404 (Go's mux finds no path),
+    path form 400 ``Use HTTPS``, /generate_204 by path 204; the connection is kept for
+    the next request (compared with Go derper in tests/interop/test_port80_go.py)."""
+    r, w = await asyncio.open_connection("127.0.0.1", node.http_port)
+    try:
+        for request, status, body in (
+            (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"404 Not Found", b"404 page not found\n"),
+            (b"CONNECT /foo HTTP/1.1\r\n\r\n", b"400 Bad Request", b"Use HTTPS\n"),
+            (b"CONNECT /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: k\r\n\r\n", b"204 No Content", b""),
+        ):
+            w.write(request)
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 " + status + b"\r\n"), head
+            if body:
+                assert await asyncio.wait_for(r.readexactly(len(body)), 5) == body
+            else:
+                assert b"X-Tailscale-Response: response k\r\n" in head
+        w.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"HTTP/1.1 302")
+    finally:
+        w.close()
