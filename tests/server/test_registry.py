@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from derpkit.server.registry import ClientSet, ForwarderTable, MultiForwarder
 
 
@@ -57,6 +59,38 @@ def test_repeated_sends_collapse_in_history() -> None:
     s.note_activity(a)
     s.note_activity(b)
     assert s.history == [a, b]
+
+
+
+def test_a_duplicate_set_always_has_an_active_member() -> None:
+    """Why ``dup_client`` drops stay at zero, in derper and here (documented in docs/protocol.md).
+
+    derper counts ``dup_client`` when a key has 2+ connections and none is active. Under its
+    policy (last writer is active) that cannot happen: every member except the second
+    connection is in the send history (the first from the start, later ones when they
+    join), and leaving members are trimmed from it, so with 2+ members left the history
+    names one of them. Random joins, sends and departures check the invariant on ours.
+    """
+    rng = random.Random(20240611)
+    for _trial in range(300):
+        first = Conn("c0")
+        s = ClientSet(first)
+        members = [first]
+        for step in range(40):
+            op = rng.random()
+            if op < 0.35 or len(members) < 2:
+                c = Conn(f"c{step + 1}")
+                s.add(c)
+                members.append(c)
+            elif op < 0.7:
+                s.note_activity(rng.choice(members))
+            else:
+                gone = rng.choice(members)
+                members.remove(gone)
+                s.remove(gone)
+            if members:
+                assert s.active is not None and s.active in members, (s.conns, s.history)
+                assert s.is_dup == (len(members) > 1)
 
 
 class Fwd:

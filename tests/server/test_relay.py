@@ -415,3 +415,68 @@ async def test_forward_packet_to_an_unknown_key_is_unknown_dest_on_fwd() -> None
         await exchange(a, b, 2)
         assert not peer.closed
 
+
+
+async def test_duplicates_swap_on_each_send_and_an_inactive_one_leaving_changes_nothing() -> None:
+    """Spec §5.6 over real connections: whoever of the key's connections sent last gets packets.
+
+    The older connection sends (a packet, not only a ping) and becomes active; then the
+    newer one sends and takes over; the older sends again and is active again. When the
+    inactive one leaves, the active one keeps receiving and no sender hears PeerGone.
+    ``dup_client`` drops stay at zero throughout: a duplicate set always has an active
+    member under derper's policy (see test_registry and docs/protocol.md).
+    """
+    async with running_node() as node:
+        key = NodePrivate.generate()
+        sender = await DerpClient.connect(node.url)
+        older = await DerpClient.connect(node.url, private_key=key)
+        newer = await DerpClient.connect(node.url, private_key=key)
+
+        async def goes_to(want: DerpClient, other: DerpClient, data: bytes) -> None:
+            await sender.send(key.public(), data)
+            got = await recv_packet(want)
+            assert got.data == data and got.src == sender.public_key.raw
+            assert await nothing_arrives(other, F.RecvPacket, within=0.2)
+
+        await goes_to(newer, older, b"1 newest joined last")
+        await older.send(sender.public_key, b"older speaks")
+        assert (await recv_packet(sender)).data == b"older speaks"
+        await goes_to(older, newer, b"2 older sent last")
+        await newer.send(sender.public_key, b"newer speaks")
+        assert (await recv_packet(sender)).data == b"newer speaks"
+        await goes_to(newer, older, b"3 newer sent last")
+        await older.send(sender.public_key, b"older again")
+        assert (await recv_packet(sender)).data == b"older again"
+        await goes_to(older, newer, b"4 older sent last again")
+        # The inactive duplicate leaves: nothing changes for the active one.
+        await newer.close()
+        async with asyncio.timeout(5):
+            while node.server.gauges()["current_dup_client_keys"]:
+                await asyncio.sleep(0.01)
+        await sender.send(key.public(), b"5 after the inactive left")
+        assert (await recv_packet(older)).data == b"5 after the inactive left"
+        assert await nothing_arrives(sender, F.PeerGone)
+        d = node.server.stats.dropped_packets
+        assert d[("dup_client", "other")] == 0 and d[("dup_client", "disco")] == 0
+        assert node.server.stats.packets_sent == 8
+
+
+async def test_keepalive_jitter_is_drawn_once_per_connection() -> None:
+    """derper draws its keepalive jitter once, when a connection's writer starts, and ticks
+    at interval + jitter from then on (spec §5.10): the gaps of one connection are equal.
+
+    With a jitter range twenty times the interval, a jitter drawn afresh at every tick
+    would make the gaps differ by up to 1 s; one draw per connection keeps them within
+    scheduling noise of each other.
+    """
+    async with running_node(keepalive_interval=0.05, keepalive_jitter=1.0) as node:
+        assert node.server.keepalive_jitter == 1.0
+        a = await DerpClient.connect(node.url, can_ack_pings=False)
+        loop = asyncio.get_running_loop()
+        stamps = []
+        for _ in range(4):
+            await recv_kind(a, F.KeepAlive, timeout=3)
+            stamps.append(loop.time())
+        gaps = [y - x for x, y in zip(stamps, stamps[1:], strict=False)]
+        assert max(gaps) - min(gaps) < 0.08, gaps
+        assert all(0.04 < g < 1.2 for g in gaps), gaps
