@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import tempfile
 
@@ -125,6 +126,8 @@ async def test_three_nodes_a_to_c_restart_heals_and_metrics_count() -> None:
         va = await varz(mesh.ports[0])
         assert va['derp_packets_dropped{reason="unknown_dest",kind="other"}'] == before + 1
 
+        await drop_after_leaving_is_counted_on_c(mesh, a)
+
         # Kill node C abruptly; restart it on the same port with the same key.
         await c.close()
         proc = mesh.procs[2]
@@ -145,6 +148,43 @@ async def test_three_nodes_a_to_c_restart_heals_and_metrics_count() -> None:
             await c.close()
     finally:
         await mesh.stop_all()
+
+
+async def drop_after_leaving_is_counted_on_c(mesh: Mesh, a: DerpClient) -> None:
+    """A packet A forwards to a client that has just left C is dropped by C, as
+    ``unknown_dest_on_fwd``: a drop only the mesh can cause, counted on C and not on A.
+
+    To make "A still thinks the client is on C" certain rather than a race, node A is
+    paused (SIGSTOP) while a's packet is sent and *then* the client leaves C (C has removed
+    it before A runs again). On SIGCONT A finds a's packet first, in the order the data
+    arrived, and forwards it with the map it still has; only then does it read C's
+    peer-gone notice.
+    """
+    leaving = await DerpClient.connect(mesh.url(2))
+    await deliver_eventually(a, leaving, b"A learns where it is")
+    pa, pc = mesh.procs[0], mesh.procs[2]
+    assert pa is not None and pc is not None
+    va0, vc0 = await varz(mesh.ports[0]), await varz(mesh.ports[2])
+    drop_fwd = 'derp_packets_dropped{reason="unknown_dest_on_fwd",kind="other"}'
+    drop_local = 'derp_packets_dropped{reason="unknown_dest",kind="other"}'
+    pa.proc.send_signal(signal.SIGSTOP)
+    try:
+        await a.send(leaving.public_key, b"too late")
+        await asyncio.sleep(0.2)  # in A's socket buffer, unread
+        await leaving.close()
+        async with asyncio.timeout(5):  # C has removed the client (C keeps running)
+            while (await varz(mesh.ports[2]))["derp_clients_local"] >= vc0["derp_clients_local"]:
+                await asyncio.sleep(0.05)
+    finally:
+        pa.proc.send_signal(signal.SIGCONT)
+    async with asyncio.timeout(5):
+        while (await varz(mesh.ports[2]))[drop_fwd] == vc0[drop_fwd]:
+            await asyncio.sleep(0.05)
+    va, vc = await varz(mesh.ports[0]), await varz(mesh.ports[2])
+    assert vc[drop_fwd] == vc0[drop_fwd] + 1
+    assert vc["derp_packets_forwarded_in"] == vc0["derp_packets_forwarded_in"] + 1
+    assert va["derp_packets_forwarded_out"] == va0["derp_packets_forwarded_out"] + 1
+    assert va[drop_local] == va0[drop_local] and va[drop_fwd] == va0[drop_fwd]
 
 
 async def test_mesh_with_needs_a_key() -> None:
