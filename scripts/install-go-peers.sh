@@ -19,6 +19,15 @@ for cmd in derper derpprobe stunc tailscaled; do
   echo "$TAILSCALE_VERSION" > "$GOBIN/.$cmd.version"
 done
 echo "install-go-peers: $TAILSCALE_VERSION in $GOBIN" >&2
+# Warm the build cache for the small Go programs the tests build themselves (Tailscale's
+# DERP client shell, setec's server code, the bench generator), so the first test that
+# builds one is not charged a cold compile inside its timeout.
+here="$(cd "$(dirname "$0")/.." && pwd)"
+for dir in tests/interop/goclient tests/server/setecserver bench/derpgen; do
+  if [ -f "$here/$dir/go.mod" ]; then
+    (cd "$here/$dir" && GOFLAGS=-mod=mod go build -o /dev/null .) || { echo "install-go-peers: building $dir failed" >&2; exit 1; }
+  fi
+done
 # derper -dev and dual-stack STUN interop tests run inside `unshare -rn` (a private network
 # namespace, so derper's fixed ports 3340/3478 collide with nothing); say early if that fails.
 if ! unshare -rn true >/dev/null 2>&1; then
