@@ -126,6 +126,11 @@ async def handle_websocket(request: web.Request, server: DerpServer) -> web.Stre
                 conn.data_received(msg.data)
             elif msg.type == WSMsgType.TEXT:
                 server.stats.conn_errors["websocket_text"] += 1
+                # Leave the relay first: the close handshake below waits for the client's
+                # Close (up to aiohttp's timeout), and a client that never answers must not
+                # keep its key registered meanwhile.
+                conn.close_reason = "websocket_text"
+                conn.connection_lost(None)
                 await ws.close(code=1003, message=b"DERP needs binary messages")
                 break
             else:

@@ -164,6 +164,26 @@ async def test_bad_server_greeting_is_fatal() -> None:
         server.close()
 
 
+async def test_server_key_with_a_bad_magic_is_fatal() -> None:
+    """A ServerKey whose 8 magic bytes are not ``DERP🔑`` is no DERP server: the client
+    refuses it (Go's client does the same) and says why, over a real socket."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        bad = frame(FrameType.SERVER_KEY, b"XERP\xf0\x9f\x94\x91" + NodePrivate.generate().public().raw)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n" + bad)
+        await writer.drain()
+        await reader.read()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(DerpConnectionError, match="bad magic"):
+            await DerpClient.connect(f"http://127.0.0.1:{port}/derp", timeout=3)
+    finally:
+        server.close()
+
+
 async def test_bad_server_info_box_is_fatal() -> None:
     async def handler(c: FakeConn) -> None:
         c.write(frame(FrameType.SERVER_INFO, bytes(24 + 16 + 13)))

@@ -32,7 +32,12 @@ def _garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
     return {
         # Handshake failures.
         "bad_first_frame": (F.SendPacket(bytes(32), b"x").encode(), False),
-        "bad_magic_first_frame": (F.frame(FrameType.SERVER_KEY, b"XERP\xf0\x9f\x94\x91" + bytes(32)), False),
+        # A frame of the wrong type first (here the server's own ServerKey, echoed back).
+        "server_key_instead_of_client_info": (F.ServerKey(bytes(32)).encode(), False),
+        # DERP has one magic, in the ServerKey the server sends; what a server sees from a
+        # client that is not speaking DERP at all is bytes that are not a ClientInfo frame.
+        "http_request_instead_of_derp": (b"GET /derp HTTP/1.1\r\nHost: x\r\n\r\n", False),
+        "tls_client_hello_instead_of_derp": (bytes.fromhex("16030100f8010000f40303") + os.urandom(60), False),
         "short_client_info": (F.frame(FrameType.CLIENT_INFO, bytes(40)), False),
         "bad_box": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, other.public(), b"{}")), False),
         "bad_json": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, _pub(server_key), b"{nope")), False),
@@ -43,7 +48,17 @@ def _garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
         "bad_ping": (F.frame(FrameType.PING, b"1234"), True),
         "bad_note_preferred": (F.frame(FrameType.NOTE_PREFERRED, b"\x01\x01"), True),
         "not_mesh_peer": (F.WatchConns().encode(), True),
+        "close_peer_without_mesh_key": (F.ClosePeer(other.public().raw).encode(), True),
     }
+
+
+#: Cases whose connection-error reason is not the case's own name.
+_REASON = {
+    "server_key_instead_of_client_info": "bad_first_frame",
+    "http_request_instead_of_derp": "bad_first_frame",
+    "tls_client_hello_instead_of_derp": "bad_first_frame",
+    "close_peer_without_mesh_key": "not_mesh_peer",
+}
 
 
 def _pub(raw: bytes):  # noqa: ANN202
@@ -69,7 +84,7 @@ async def test_garbage_closes_only_that_connection(case: str) -> None:
         raw.send(payload)
         await exchange(a, b, 2)  # traffic flows while the bad one is being dropped
         assert await raw.closed_by_server(), f"{case}: server kept the connection"
-        want = "bad_first_frame" if case == "bad_magic_first_frame" else case
+        want = _REASON.get(case, case)
         assert node.server.stats.conn_errors[want] == 1, dict(node.server.stats.conn_errors)
         await exchange(a, b, 2)
         assert not a.closed and not b.closed
@@ -159,3 +174,18 @@ async def test_frames_before_an_oversized_header_are_still_relayed() -> None:
         assert got.data == b"last words" and got.src == key.public().raw
         assert await raw.closed_by_server()
         assert node.server.stats.conn_errors["oversized_packet"] == 1
+
+
+async def test_close_peer_without_the_mesh_key_closes_the_asker_not_the_target() -> None:
+    """ClosePeer is for mesh peers (spec §5.16): from anyone else it ends only the sender's
+    connection, counted as ``not_mesh_peer``; the client it named stays connected."""
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        raw, _key = await _handshaken_raw(node.port)
+        await asyncio.sleep(0.05)
+        raw.send(F.ClosePeer(a.public_key.raw).encode())
+        assert await raw.closed_by_server()
+        assert node.server.stats.conn_errors["not_mesh_peer"] == 1
+        await exchange(a, b, 2)
+        assert not a.closed and a.public_key.raw in node.server.clients

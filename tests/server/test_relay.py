@@ -480,3 +480,93 @@ async def test_keepalive_jitter_is_drawn_once_per_connection() -> None:
         gaps = [y - x for x, y in zip(stamps, stamps[1:], strict=False)]
         assert max(gaps) - min(gaps) < 0.08, gaps
         assert all(0.04 < g < 1.2 for g in gaps), gaps
+
+
+async def _ws_open(node, protocols: tuple[str, ...]):  # noqa: ANN001, ANN202
+    import aiohttp
+
+    session = aiohttp.ClientSession()
+    ws = await session.ws_connect(node.url, protocols=protocols, autoclose=False, compress=0)
+    return session, ws
+
+
+async def _ws_close_code(ws, within: float = 5.0) -> int | None:  # noqa: ANN001
+    """Read until the server's Close frame; its code (bounded wait)."""
+    import aiohttp
+
+    async with asyncio.timeout(within):
+        while True:
+            msg = await ws.receive()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return ws.close_code if ws.close_code is not None else msg.data
+
+
+async def test_websocket_text_message_closes_with_1003_and_is_counted() -> None:
+    """DERP over WebSocket is binary only; Go derper closes with 1003 on a text message.
+
+    Only that connection goes: a TCP pair keeps exchanging, and the client that had
+    completed its handshake over the WebSocket is unregistered.
+    """
+    from derpkit.protocol.handshake import ClientInfo, client_info_frame
+
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        session, ws = await _ws_open(node, ("derp",))
+        try:
+            assert ws.protocol == "derp"
+            first = await ws.receive_bytes(timeout=5)
+            server_key = F.decode_server_key(first[0], first[5:45]).key
+            from derpkit.protocol.keys import NodePublic
+
+            key = NodePrivate.generate()
+            await ws.send_bytes(client_info_frame(key, NodePublic(server_key), ClientInfo()))
+            async with asyncio.timeout(5):
+                while key.public().raw not in node.server.clients:
+                    await asyncio.sleep(0.01)
+            await ws.send_str("hello, as text")
+            assert await _ws_close_code(ws) == 1003
+            assert node.server.stats.conn_errors["websocket_text"] == 1
+            async with asyncio.timeout(5):
+                while key.public().raw in node.server.clients:
+                    await asyncio.sleep(0.01)
+            await exchange(a, b, 2)
+        finally:
+            await ws.close()
+            await session.close()
+
+
+async def test_websocket_offering_only_another_subprotocol_closes_with_1008() -> None:
+    """The WebSocket path is taken when ``Sec-WebSocket-Protocol`` contains "derp" (Go's
+    substring test); if ``derp`` itself is not among the offers, derper accepts the
+    WebSocket and closes it with 1008. Without any "derp" in the header the request is an
+    ordinary DERP upgrade (very old Tailscale clients sent ``Upgrade: WebSocket`` and spoke
+    raw DERP), so that gets ``101`` with ``Upgrade: DERP``.
+    """
+    from derpkit.protocol import upgrade as U
+
+    async with running_node() as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        session, ws = await _ws_open(node, ("derp-v9",))
+        try:
+            assert ws.protocol is None
+            assert await _ws_close_code(ws) == 1008
+        finally:
+            await ws.close()
+            await session.close()
+        assert node.server.stats.websocket_accepts == 0
+        assert node.server.stats.accepts == 2  # only a and b ever reached the DERP layer
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        buf = b""
+        async with asyncio.timeout(5):
+            while (parts := U.split_head(buf)) is None:
+                data = await r.read(4096)
+                assert data
+                buf += data
+        head = parts[0]
+        assert head.startswith(b"HTTP/1.1 101 ") and b"\r\nUpgrade: DERP\r\n" in head, head
+        w.close()
+        await exchange(a, b, 1)
