@@ -372,3 +372,41 @@ def test_struct_sanity() -> None:
     # Guard for the garbage table: the 64 KiB STUN-looking datagram really is STUN-looking.
     data = GARBAGE["stun-64k-junk-attrs"]
     assert struct.unpack("!H", data[:2])[0] == 1 and data[4:8] == GOOD[4:8]
+
+
+# --- -stun-strict through a real `derpkit serve` process ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "strict"),
+    [
+        ((), {}, False),
+        (("-stun-strict",), {}, True),
+        ((), {"STUN_STRICT": "true"}, True),
+        (("-stun-strict=false",), {"STUN_STRICT": "true"}, False),  # the flag beats the env
+    ],
+    ids=["default", "flag", "env", "flag-false-over-env"],
+)
+async def test_serve_process_stun_strict(args: tuple[str, ...], env: dict[str, str], strict: bool,
+                                          client4: Client) -> None:
+    """``derpkit serve`` as an operator starts it: an ordinary RFC 5389 Binding request is
+    answered by default and met with silence under ``-stun-strict`` (flag or STUN_STRICT),
+    where only Tailscale-shaped requests are answered, as Go derper does."""
+    from .serve_proc import start_serve
+
+    sp = await start_serve("-a", "127.0.0.1:0", "-stun-port", "0", "-http-port", "-1", *args, env=env)
+    try:
+        assert sp.stun_port
+        where = ("127.0.0.1", sp.stun_port)
+        client4.send(BARE_RFC, where)
+        if strict:
+            await client4.recv_none(0.5)
+        else:
+            assert await client4.recv() == build_response(BARE_RFC[8:20], *client4.addr)
+        reply = await client4.request(where)  # Tailscale-shaped: always answered
+        r = parse_response(reply)
+        assert (str(r.ip), r.port) == client4.addr
+        if env:
+            assert any("STUN_STRICT" in line for line in sp.log), sp.log
+    finally:
+        assert await sp.stop() == 0
