@@ -6,7 +6,8 @@ caller holding the broken connection resets it, so a send failure and a receive 
 racing each other cause one reconnect, not two.
 
 Optional backoff follows tailscaled: ``min(n² × 10 ms, 5 s) × U[0.5, 1.5)`` for the n-th
-consecutive failure. A Restarting frame from the server is honoured: the next dial waits
+consecutive failure; a successful dial (which includes receiving ServerInfo, the first
+frame tailscaled's receive loop gets) resets the count. A Restarting frame from the server is honoured: the next dial waits
 until ``reconnect_in`` has passed, then keeps retrying until ``try_for`` runs out before it
 gives up and raises.
 """
@@ -27,6 +28,7 @@ from .errors import DerpClosedError, DerpConnectionError
 __all__ = ["ReconnectingClient", "backoff_delay"]
 
 _RESTART_RETRY = 0.05  # pause between dials inside a Restarting window
+_DELAYS_KEPT = 32  # recent backoff waits kept in ``ReconnectingClient.delays``
 
 
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
@@ -53,12 +55,16 @@ class ReconnectingClient:
         *,
         private_key: NodePrivate | None = None,
         backoff: bool = False,
+        rng: random.Random | None = None,
         **connect_kwargs: Any,
     ) -> None:
         self.url = url
         self.private_key = private_key or NodePrivate.generate()
         self.public_key: NodePublic = self.private_key.public()
         self.backoff = backoff
+        self._rng = rng
+        #: The most recent backoff waits in seconds, oldest first (for logs and tests).
+        self.delays: list[float] = []
         self._kwargs = connect_kwargs
         self._client: DerpClient | None = None
         self._lock = asyncio.Lock()
@@ -107,7 +113,10 @@ class ReconnectingClient:
             if restart is not None and now < restart[0]:
                 await asyncio.sleep(restart[0] - now)
             elif restart is None and self.backoff and self.failures:
-                await asyncio.sleep(backoff_delay(self.failures))
+                delay = backoff_delay(self.failures, self._rng)
+                self.delays.append(delay)
+                del self.delays[:-_DELAYS_KEPT]
+                await asyncio.sleep(delay)
             try:
                 c = await DerpClient.connect(self.url, private_key=self.private_key, **self._kwargs)
             except DerpConnectionError:

@@ -426,3 +426,59 @@ async def test_reconnecting_client_resends_preferred_and_watch() -> None:
             assert seen[1] == seen[0]
         finally:
             await rc.close()
+
+
+async def test_reconnect_backoff_over_real_connections_grows_then_resets() -> None:
+    """Spec §8.4 on a real loopback port: refused dials wait min(n² × 10 ms, 5 s) × U[0.5, 1.5)
+    with n growing; once a real derpkit server appears on the port the dial succeeds and n
+    goes back to 0, so the wait after the next break is the first step's again.
+
+    A seeded ``rng`` makes the jitter reproducible, so each wait is compared exactly with
+    ``backoff_delay``; elapsed time is only checked from below (the wait really happened).
+    """
+    import socket
+
+    from derpkit.server.node import DerpNode
+
+    with socket.socket() as s:  # a loopback port with nobody listening: dials are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seed = 7
+    rc = ReconnectingClient(f"http://127.0.0.1:{port}/derp", backoff=True, rng=random.Random(seed), timeout=2)
+    expect = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    for n in range(4):
+        t0 = loop.time()
+        with pytest.raises(DerpConnectionError):
+            await rc.connect()
+        assert rc.failures == n + 1
+        if n:
+            want = backoff_delay(n, expect)
+            assert rc.delays[-1] == want and 0.005 * n * n <= want < 0.015 * n * n
+            assert loop.time() - t0 >= want * 0.99
+    assert len(rc.delays) == 3 and rc.delays == sorted(rc.delays)  # bands grow: 5-15, 20-60, 45-135 ms
+
+    node = DerpNode(port=port, stun_port=None)
+    await node.start()
+    try:
+        c = await rc.connect()  # waits backoff_delay(4), then a real handshake
+        assert rc.delays[-1] == backoff_delay(4, expect)
+        assert rc.failures == 0 and rc.generation == 1
+        assert c.server_key == node.public_key
+        await rc.ping()
+    finally:
+        await node.stop()
+    with pytest.raises(DerpConnectionError):  # the server went away under us
+        async with asyncio.timeout(5):
+            while True:
+                await rc.recv()
+    assert rc.failures == 1
+    node = DerpNode(port=port, stun_port=None, private_key=node.private_key)
+    await node.start()
+    try:
+        await rc.connect()
+        assert rc.delays[-1] == backoff_delay(1, expect)  # reset: the first step's wait again
+        assert rc.failures == 0 and rc.generation == 2
+    finally:
+        await rc.close()
+        await node.stop()
