@@ -505,7 +505,14 @@ class ClientConn(asyncio.Protocol):
             stats.drop("gone_disconnected", disco, nbytes)
             return
         if not self._paused:
-            self._batch_packet(frame, disco, nbytes)
+            # _batch_packet inlined: this is the per-packet hot path.
+            self._write(frame)
+            if disco:
+                self._ob_dn += 1
+                self._ob_db += nbytes
+            else:
+                self._ob_n += 1
+                self._ob_b += nbytes
             return
         if disco:
             q = self._qd
