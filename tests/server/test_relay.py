@@ -570,3 +570,47 @@ async def test_websocket_offering_only_another_subprotocol_closes_with_1008() ->
         assert head.startswith(b"HTTP/1.1 101 ") and b"\r\nUpgrade: DERP\r\n" in head, head
         w.close()
         await exchange(a, b, 1)
+
+
+async def test_a_packet_batched_for_a_client_aborted_in_the_same_turn_is_gone_disconnected() -> None:
+    """A packet already in this loop turn's write batch when its receiver is aborted never
+    reaches the socket: it is ``gone_disconnected`` (not silently lost, not "sent").
+
+    Made deterministic with asyncio's loop order: the test blocks the loop (time.sleep)
+    while A's packet arrives and B's keepalive tick falls due; when the loop runs again it
+    handles socket reads before due timers, so A's packet joins B's batch first, then the
+    tick finds B silent since its liveness Ping and aborts it before the batch is flushed.
+    """
+    import time
+
+    from derpkit.protocol.handshake import ClientInfo, client_info_frame
+
+    from .helpers import RawConn
+
+    async with running_node(keepalive_interval=1.0, keepalive_jitter=0.0) as node:
+        b_key = NodePrivate.generate()
+        b = await RawConn.open(node.port)
+        assert b.server_key is not None
+        b.send(client_info_frame(b_key, b.server_key, ClientInfo(can_ack_pings=True)))
+        a = await RawConn.open(node.port)
+        assert a.server_key is not None
+        a.send(client_info_frame(NodePrivate.generate(), a.server_key, ClientInfo()))
+        # B never answers; wait for the server's liveness Ping at the first tick.
+        async with asyncio.timeout(5):
+            pinged = False
+            while not pinged:
+                data = await b.reader.read(4096)
+                assert data
+                pinged = any(t == F.FrameType.PING for t, _ in b.frames.feed(data))
+        a.send(F.SendPacket(b_key.public().raw, b"caught in the batch").encode())
+        time.sleep(1.2)  # noqa: ASYNC251 - block the loop on purpose (see docstring)
+        async with asyncio.timeout(5):
+            while b_key.public().raw in node.server.clients:
+                await asyncio.sleep(0.01)
+        s = node.server.stats
+        assert s.dead_clients_closed == 1
+        assert s.packets_received == 1
+        assert s.dropped_packets[("gone_disconnected", "other")] == 1
+        assert s.packets_sent == 0
+        a.close()
+        b.close()
