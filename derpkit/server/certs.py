@@ -47,6 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from derpkit.protocol.constants import PROTOCOL_VERSION
 
 from . import metrics
+from .atomicfile import write_atomic
 
 if TYPE_CHECKING:
     from derpkit.protocol.keys import NodePublic
@@ -215,23 +216,6 @@ def make_self_signed_ip_cert(ip_text: str, now: dt.datetime | None = None) -> tu
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     )
     return cert_pem, key_pem
-
-
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    """Write atomically (temp file + rename) with ``mode``."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _pem_certs(data: bytes) -> list[x509.Certificate]:
@@ -447,8 +431,8 @@ class ManualCertProvider(CertProvider):
         cert_pem, key_pem = make_self_signed_ip_cert(self.hostname)
         try:
             os.makedirs(self.certdir, mode=0o700, exist_ok=True)
-            _write_file(self.crt_path, cert_pem, 0o644)
-            _write_file(self.key_path, key_pem, 0o600)
+            write_atomic(self.crt_path, cert_pem, 0o644)
+            write_atomic(self.key_path, key_pem, 0o600)
         except OSError as e:
             raise CertProviderError(
                 f"can not load x509 key pair for hostname {json.dumps(safe_name(self.hostname))}: "
@@ -632,7 +616,7 @@ class AcmeCertProvider(CertProvider):
                 raise ValueError(f"{path}: not an EC key")
         except FileNotFoundError:
             key = ec.generate_private_key(ec.SECP256R1())
-            _write_file(path, _key_pem(key), 0o600)
+            write_atomic(path, _key_pem(key), 0o600)
         self._account_keys[path] = key
         return key
 
@@ -669,10 +653,10 @@ class AcmeCertProvider(CertProvider):
         crt, key = self._cache_paths(e)
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in loaded.chain)
         if key is not None:
-            _write_file(key, loaded.key_pem, 0o600)
-            _write_file(crt, chain_pem, 0o644)
+            write_atomic(key, loaded.key_pem, 0o600)
+            write_atomic(crt, chain_pem, 0o644)
         else:
-            _write_file(crt, loaded.key_pem + chain_pem, 0o600)
+            write_atomic(crt, loaded.key_pem + chain_pem, 0o600)
 
     # contexts
     def _rebuild(self) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from derpkit.protocol.keys import KeyError_, NodePrivate
+
+from .atomicfile import write_atomic
 
 ROOT_DEFAULT = "/var/lib/derper/derper.key"
 
@@ -62,11 +63,4 @@ def write(path: str, key: NodePrivate) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     body = json.dumps({"PrivateKey": str(key)}, indent="\t").encode()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".derper-key-")
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, body, 0o600)

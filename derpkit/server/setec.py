@@ -30,7 +30,6 @@ import logging
 import os
 import posixpath
 import stat
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any
 import aiohttp
 
 from .ace import go_quote
+from .atomicfile import write_atomic
 
 log = logging.getLogger("derpkit.serve")
 
@@ -203,21 +203,7 @@ class FileCache:
 
     def write(self, data: bytes) -> None:
         """Write beside the target and rename over it, as Go's atomicfile does."""
-        directory = os.path.dirname(self.path) or "."
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".tmp", dir=directory)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(self.path, data, 0o600)
 
 
 class SetecClient:
