@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from derpkit.client import DerpClient
-from derpkit.protocol import frames as F
 from derpkit.server.mesh import MeshLink
 from derpkit.server.node import DerpNode
+from tests.server.helpers import deliver_eventually, recv_kind, recv_packet
 
 from .pki import TestCA
+
+__all__ = ["deliver_eventually", "recv_kind", "recv_packet"]  # shared with tests/server/
 
 
 @dataclass
@@ -106,22 +107,6 @@ async def mesh_nodes(nodes: Sequence[DerpNode], host: str = "localhost") -> None
         for a in nodes:
             for link in a.mesh:
                 await link.connected.wait()
-
-
-async def recv_packet(c: DerpClient, timeout: float = 5.0) -> F.RecvPacket:
-    async with asyncio.timeout(timeout):
-        while True:
-            f = await c.recv()
-            if isinstance(f, F.RecvPacket):
-                return f
-
-
-async def recv_kind(c: DerpClient, kind: type, timeout: float = 5.0) -> Any:
-    async with asyncio.timeout(timeout):
-        while True:
-            f = await c.recv()
-            if isinstance(f, kind):
-                return f
 
 
 def tls_varz(base_url: str, ca: TestCA) -> dict[str, float]:

@@ -32,7 +32,7 @@ from derpkit.protocol.keys import MeshKey
 from tests.goderper import GoDerper, free_port, require_derper
 from tests.server.serve_proc import ServeProc, start_serve
 
-from .helpers import recv_kind, recv_packet, tls_varz
+from .helpers import deliver_eventually, recv_kind, recv_packet, tls_varz
 from .pki import Leaf, TestCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,19 +133,6 @@ async def wait_for(cond: Callable[[], bool], what: str, pair: Pair, timeout: flo
         await asyncio.sleep(0.05)
 
 
-async def deliver(src: DerpClient, dst: DerpClient, data: bytes, within: float = 12.0) -> None:
-    """Resend until it arrives: a server learns a remote key only once the mesh tells it."""
-    async with asyncio.timeout(within):
-        while True:
-            await src.send(dst.public_key, data)
-            try:
-                got = await recv_packet(dst, timeout=0.3)
-            except TimeoutError:
-                continue
-            assert got.src == src.public_key.raw and got.data == data
-            return
-
-
 async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart(
     tmp_path: Path, test_ca: TestCA, localhost_leaf: Leaf
 ) -> None:
@@ -168,10 +155,10 @@ async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart
         y2 = await DerpClient.connect(pair.our_url, ssl_context=ctx)
         clients += [x, y1, y2]
         # Go -> derpkit needs Go's own mesh link to us, which connects on Go's 5 s retry.
-        await deliver(x, y1, b"x on Go to y1 on derpkit serve")
-        await deliver(y1, x, b"y1 on derpkit serve to x on Go")
-        await deliver(y2, x, b"y2 to x")
-        await deliver(x, y2, b"x to y2")
+        await deliver_eventually(x, y1, b"x on Go to y1 on derpkit serve")
+        await deliver_eventually(y1, x, b"y1 on derpkit serve to x on Go")
+        await deliver_eventually(y2, x, b"y2 to x")
+        await deliver_eventually(x, y2, b"x to y2")
 
         gv = tls_varz(go.base_url, test_ca)
         ov = tls_varz(pair.our_base_url, test_ca)
@@ -224,8 +211,8 @@ async def test_serve_process_and_go_derper_mesh_both_ways_and_heal_after_restart
         y3 = await DerpClient.connect(pair.our_url, ssl_context=ctx)
         clients.append(y3)
         # Ours dials Go at once; Go reconnects on its next retry (at most 5 s after the break).
-        await deliver(y3, x2, b"y3 on the restarted process to x2 on Go")
-        await deliver(x2, y3, b"x2 on Go to y3 on the restarted process")
+        await deliver_eventually(y3, x2, b"y3 on the restarted process to x2 on Go")
+        await deliver_eventually(x2, y3, b"x2 on Go to y3 on the restarted process")
         assert f"mesh localhost:{go.port}: connected, watching {go_key}" in pair.our_log()
         gv = tls_varz(go.base_url, test_ca)
         ov = tls_varz(pair.our_base_url, test_ca)

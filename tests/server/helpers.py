@@ -73,6 +73,20 @@ async def recv_packet(c: DerpClient, timeout: float = 5.0) -> F.RecvPacket:
                 return f
 
 
+async def deliver_eventually(src: DerpClient, dst: DerpClient, data: bytes, within: float = 15.0) -> None:
+    """Resend until it arrives: across a mesh, a node learns where a remote client is only
+    once the other node tells it, so the first packets may be dropped as unknown."""
+    async with asyncio.timeout(within):
+        while True:
+            await src.send(dst.public_key, data)
+            try:
+                got = await recv_packet(dst, timeout=0.3)
+            except TimeoutError:
+                continue
+            assert got.data == data and got.src == src.public_key.raw
+            return
+
+
 async def recv_kind(c: DerpClient, kind: type, timeout: float = 5.0):  # noqa: ANN201
     async with asyncio.timeout(timeout):
         while True:

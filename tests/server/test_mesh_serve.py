@@ -19,7 +19,7 @@ import aiohttp
 from derpkit.client import DerpClient
 from derpkit.protocol.keys import NodePrivate
 
-from .helpers import recv_packet
+from .helpers import deliver_eventually
 from .serve_proc import ServeProc, start_serve
 
 
@@ -71,19 +71,6 @@ async def varz(port: int) -> dict[str, float]:
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
-
-
-async def deliver_eventually(src: DerpClient, dst: DerpClient, payload: bytes, within: float = 15.0) -> None:
-    """Send until the mesh has learned dst's location and the packet arrives."""
-    async with asyncio.timeout(within):
-        while True:
-            await src.send(dst.public_key, payload)
-            try:
-                got = await recv_packet(dst, timeout=0.3)
-            except TimeoutError:
-                continue
-            assert got.data == payload and got.src == src.public_key.raw
-            return
 
 
 async def test_two_nodes_forward_both_ways() -> None:

@@ -30,7 +30,7 @@ from derpkit.protocol.constants import PeerPresentFlags
 from derpkit.protocol.keys import MeshKey
 from tests.goderper import GoDerper, free_port, require_derper
 
-from .helpers import recv_packet
+from .helpers import deliver_eventually
 from .serve_proc import ServeProc, start_serve
 from .setec_standin import SetecStandIn
 
@@ -82,19 +82,6 @@ async def mesh_key_in_force(port: int, key: MeshKey) -> bool:
         return False
     finally:
         await w.close()
-
-
-async def deliver(src: DerpClient, dst: DerpClient, data: bytes, within: float = 15.0) -> None:
-    """Resend until it arrives: a node learns where a remote client is from the mesh."""
-    async with asyncio.timeout(within):
-        while True:
-            await src.send(dst.public_key, data)
-            try:
-                got = await recv_packet(dst, timeout=0.3)
-            except TimeoutError:
-                continue
-            assert got.data == data and got.src == src.public_key.raw
-            return
 
 
 class Waiting:
@@ -187,8 +174,8 @@ async def test_two_serve_processes_get_the_mesh_key_from_setec_and_mesh(
         # ...and the two processes meshed with it: a packet crosses from node 0 to node 1.
         a = await DerpClient.connect(f"http://127.0.0.1:{ports[0]}/derp")
         b = await DerpClient.connect(f"http://127.0.0.1:{ports[1]}/derp")
-        await deliver(a, b, b"node 0 -> node 1 over a setec-keyed mesh")
-        await deliver(b, a, b"and back")
+        await deliver_eventually(a, b, b"node 0 -> node 1 over a setec-keyed mesh")
+        await deliver_eventually(b, a, b"and back")
 
         # The cache file: setec's format, mode 0600, in a parent made with mode 0700.
         cache = tmp_path / "node0" / "cache" / "derper-secrets"
@@ -440,8 +427,8 @@ async def test_go_derper_and_derpkit_get_the_same_key_from_setec_and_mesh(
         clients += [x, y]
         # Go -> derpkit needs Go's mesh link to us, which retries every 5 s after its first
         # dial found nothing listening.
-        await deliver(y, x, b"derpkit -> Go, mesh keyed by setec", within=20)
-        await deliver(x, y, b"Go -> derpkit", within=20)
+        await deliver_eventually(y, x, b"derpkit -> Go, mesh keyed by setec", within=20)
+        await deliver_eventually(x, y, b"Go -> derpkit", within=20)
         assert "insufficient permissions" not in go.log(), go.log()
         assert "not_mesh_peer" not in "".join(ours.log)
     finally:
