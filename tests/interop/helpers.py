@@ -90,6 +90,18 @@ def probe_lines(output: str) -> tuple[dict[str, str], dict[str, str]]:
     return good, bad
 
 
+def assert_lab_node_b_down(run: GoRun) -> None:
+    """derpprobe's verdict on region "lab" (nodes 900a, 900b) once 900b has stopped: every
+    probe that touches 900b fails (its TLS probe with "connection refused"), 900a's own pass,
+    and the exit code says so."""
+    good, bad = probe_lines(run.output)
+    assert run.returncode == 1, run.output
+    assert set(bad) == {"derp/lab/900b/tls", "derp/lab/900b/udp", "derp/lab/900a/900b/mesh",
+                        "derp/lab/900b/900a/mesh", "derp/lab/900b/900b/mesh"}, run.output
+    assert {"derp/lab/900a/tls", "derp/lab/900a/udp", "derp/lab/900a/900a/mesh"} <= set(good)
+    assert "connection refused" in bad["derp/lab/900b/tls"], run.output
+
+
 async def mesh_nodes(nodes: Sequence[DerpNode], host: str = "localhost") -> None:
     """Give every node a MeshLink to every other node (after all are listening) and wait.
 
