@@ -21,7 +21,7 @@ from derpkit.server.mesh import MeshLink
 from derpkit.server.node import DerpNode, NodeOptions
 from tests.goderper import GoDerper, start_derper
 
-from .helpers import recv_kind, recv_packet, tls_varz
+from .helpers import deliver_eventually, recv_kind, recv_packet, tls_varz
 from .pki import Leaf, TestCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,18 +53,6 @@ async def _wait(cond, timeout: float = 10.0, what: str = "") -> None:  # noqa: A
             await asyncio.sleep(0.05)
 
 
-async def _send_until_received(src: DerpClient, dst: DerpClient, data: bytes) -> F.RecvPacket:
-    """Resend until it arrives: the far server learns ``dst`` a moment after it connects."""
-    async with asyncio.timeout(10):
-        while True:
-            await src.send(dst.public_key, data)
-            try:
-                got = await recv_packet(dst, timeout=0.3)
-            except TimeoutError:
-                continue
-            return got
-
-
 async def test_go_derper_and_derpkit_mesh_both_ways(
     tmp_path, test_ca: TestCA, localhost_leaf: Leaf, trust_test_ca: TestCA
 ) -> None:
@@ -85,14 +73,11 @@ async def test_go_derper_and_derpkit_mesh_both_ways(
         y2 = await DerpClient.connect(f"https://localhost:{ours.port}/derp", ssl_context=ctx)
         clients += [x, y1, y2]
 
-        got = await _send_until_received(x, y1, b"x to y1 via Go->derpkit")
-        assert got.src == x.public_key.raw and got.data == b"x to y1 via Go->derpkit"
-        got = await _send_until_received(y1, x, b"y1 to x via derpkit->Go")
-        assert got.src == y1.public_key.raw and got.data == b"y1 to x via derpkit->Go"
-        got = await _send_until_received(y2, x, b"y2")
-        assert got.src == y2.public_key.raw
-        got = await _send_until_received(x, y2, b"x to y2")
-        assert got.src == x.public_key.raw
+        # Each asserts the sender's key and the payload on arrival.
+        await deliver_eventually(x, y1, b"x to y1 via Go->derpkit", within=10)
+        await deliver_eventually(y1, x, b"y1 to x via derpkit->Go", within=10)
+        await deliver_eventually(y2, x, b"y2", within=10)
+        await deliver_eventually(x, y2, b"x to y2", within=10)
 
         varz = tls_varz(go.base_url, test_ca)
         assert varz["derp_packets_forwarded_out"] >= 2, varz  # Go -> us

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 from derpkit.client import DerpClient, DerpConnectionError
@@ -62,6 +63,18 @@ class RawConn:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback TCP ports (all held open together while picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 async def recv_packet(c: DerpClient, timeout: float = 5.0) -> F.RecvPacket:

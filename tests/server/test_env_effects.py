@@ -34,11 +34,10 @@ from derpkit.server import certs
 from derpkit.server.app import build_node
 from derpkit.server.config import parse_config
 
-from .helpers import recv_packet
+from .helpers import deliver_eventually, free_ports, recv_packet
 from .serve_proc import ServeProc, start_serve
 from .test_admission import LocalAPIStandIn
 from .test_certs import CERTNAME_RE, ahandshake
-from .test_mesh_serve import deliver_eventually, free_ports
 
 
 def free_udp_port() -> int:

@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import tempfile
 
 import aiohttp
@@ -19,19 +18,8 @@ import aiohttp
 from derpkit.client import DerpClient
 from derpkit.protocol.keys import NodePrivate
 
-from .helpers import deliver_eventually
+from .helpers import deliver_eventually, free_ports
 from .serve_proc import ServeProc, start_serve
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Mesh:

@@ -30,7 +30,7 @@ from derpkit.protocol.constants import PeerPresentFlags
 from derpkit.protocol.keys import MeshKey
 from tests.goderper import GoDerper, free_port, require_derper
 
-from .helpers import deliver_eventually
+from .helpers import deliver_eventually, free_ports
 from .serve_proc import ServeProc, start_serve
 from .setec_standin import SetecStandIn
 
@@ -46,17 +46,6 @@ async def setec() -> AsyncIterator[SetecStandIn]:
         yield s
     finally:
         await s.stop()
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def serve_args(tmp: Path, port: int, *extra: str) -> list[str]:
