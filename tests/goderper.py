@@ -57,6 +57,37 @@ def _skip_missing(msg: str) -> None:
     pytest.skip(msg)
 
 
+def require_netns(why: str) -> None:
+    """Skip the test (fail it under DERPKIT_REQUIRE_GO_PEERS=1) when ``unshare -rn`` cannot make
+    a private network namespace; ``why`` says what the test needs one for."""
+    from tests.interop.record_vectors import netns_available
+
+    if netns_available():
+        return
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"`unshare -rn` failed and {REQUIRE_ENV}=1: {why}", pytrace=False)
+    pytest.skip(f"no unprivileged network namespaces (`unshare -rn` failed): {why}")
+
+
+def build_go_program(src: Path, purpose: str) -> str:
+    """``go build`` the small program in ``src`` into a temporary directory; its path.
+
+    Skips (fails under DERPKIT_REQUIRE_GO_PEERS=1) without a Go toolchain. ``-mod=mod`` lets
+    the build fetch what go.sum names; scripts/install-go-peers.sh warms the cache first.
+    """
+    go = shutil.which("go")
+    if go is None:
+        msg = f"Go toolchain NOT INSTALLED: {purpose} need `go` to build {src.name}"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
+        pytest.skip(msg)
+    out = os.path.join(tempfile.mkdtemp(prefix=f"{src.name}-"), src.name)
+    p = subprocess.run([go, "build", "-o", out, "."], cwd=src, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, GOFLAGS="-mod=mod"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
 def find_go_tool(name: str) -> str | None:
     """Path of a Go program (derper, derpprobe, stunc): $<NAME>, PATH, then GOPATH/bin."""
     env = os.environ.get(name.upper())

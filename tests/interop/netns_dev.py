@@ -15,8 +15,9 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
+
+from tests.server.dev_serve_netns import wait_for_probe
 
 
 def stunc(binary: str, host: str, port: int) -> dict[str, object]:
@@ -90,17 +91,7 @@ def main() -> int:
     p = subprocess.Popen([derper, "-dev"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out: dict[str, object] = {}
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:3340/derp/probe", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or p.poll() is not None:
-                raise RuntimeError("derper -dev did not start")
-            time.sleep(0.05)
+        wait_for_probe(p, limit=15, name="derper -dev")
         out["client"] = asyncio.run(client_session())
         with urllib.request.urlopen("http://127.0.0.1:3340/debug/varz", timeout=5) as r:
             out["varz"] = r.read().decode()

@@ -9,7 +9,6 @@ dual-stack derpkit STUN socket. Without user/network namespaces these tests skip
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.goderper import REQUIRE_ENV, require_go_tool
-
-from . import record_vectors as R
+from tests.goderper import require_go_tool, require_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(90)
@@ -29,12 +26,7 @@ pytestmark = pytest.mark.timeout(90)
 def netns_run() -> dict:
     derper = require_go_tool("derper")
     stunc = require_go_tool("stunc")
-    if not R.netns_available():
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"`unshare -rn` failed and {REQUIRE_ENV}=1: the derper -dev and "
-                        "dual-stack STUN interop tests cannot run", pytrace=False)
-        pytest.skip("no unprivileged network namespaces (`unshare -rn` failed): derper -dev needs "
-                    "fixed ports 3340/3478, which these tests take only inside a private namespace")
+    require_netns("derper -dev needs fixed ports 3340/3478, which these tests take only inside a private namespace")
     p = subprocess.run(
         ["unshare", "-rn", sys.executable, "-m", "tests.interop.netns_dev", derper, stunc],
         capture_output=True, text=True, timeout=60, cwd=ROOT,

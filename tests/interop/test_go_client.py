@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +21,7 @@ import pytest
 from derpkit.client import DerpClient
 from derpkit.protocol.keys import NodePublic
 from derpkit.server.node import DerpNode, NodeOptions
-from tests.goderper import REQUIRE_ENV, free_port
+from tests.goderper import build_go_program, free_port
 from tests.server.serve_proc import start_serve
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,17 +31,7 @@ SRC = Path(__file__).parent / "goclient"
 
 @pytest.fixture(scope="module")
 def goclient() -> str:
-    go = shutil.which("go")
-    if go is None:
-        msg = "Go toolchain NOT INSTALLED: the tailscale.com/derp client tests need `go` to build tests/interop/goclient"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
-        pytest.skip(msg)
-    out = os.path.join(tempfile.mkdtemp(prefix="goclient-"), "goclient")
-    p = subprocess.run([go, "build", "-o", out, "."], cwd=SRC, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, GOFLAGS="-mod=mod"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+    return build_go_program(SRC, "the tailscale.com/derp client tests")
 
 
 class GoClient:

@@ -37,8 +37,10 @@ def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def wait_for_probe(proc: subprocess.Popen[bytes], limit: float = 20.0) -> None:
-    """Poll the fixed dev address until the server answers; bounded in time."""
+def wait_for_probe(proc: subprocess.Popen[bytes], limit: float = 20.0, name: str = "derpkit serve -dev") -> None:
+    """Poll the fixed dev address until the server answers; bounded in time.
+
+    tests/interop/netns_dev.py uses it for Go's ``derper -dev`` too: same address, same wait."""
     deadline = time.monotonic() + limit
     while True:
         try:
@@ -48,7 +50,7 @@ def wait_for_probe(proc: subprocess.Popen[bytes], limit: float = 20.0) -> None:
         except OSError:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("derpkit serve -dev did not start")
+            raise RuntimeError(f"{name} did not start")
         time.sleep(0.05)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import ssl
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from derpkit.server import ace
-from tests.goderper import REQUIRE_ENV
+from tests.goderper import require_netns
 from tests.server.serve_proc import ServeProc, start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,14 +241,7 @@ async def test_plain_listener_connect_is_404(tmp_path: Path) -> None:
 
 
 def _netns_or_skip() -> None:
-    from tests.interop.record_vectors import netns_available
-
-    if not netns_available():
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"`unshare -rn` failed and {REQUIRE_ENV}=1: the CONNECT tunnel tests cannot run",
-                        pytrace=False)
-        pytest.skip("no unprivileged user/network namespaces (`unshare -rnm` failed): the CONNECT "
-                    "success and dial-failure paths need a private /etc/hosts and network")
+    require_netns("the CONNECT success and dial-failure paths need a private /etc/hosts and network")
 
 
 def run_netns(tmp_path: Path, go_derper: str | None = None) -> dict:

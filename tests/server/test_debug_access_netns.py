@@ -24,20 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.goderper import REQUIRE_ENV, find_derper
+from tests.goderper import REQUIRE_ENV, find_derper, require_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD_LINE = 'invalid CIDR in TS_DEBUG_TRUSTED_CIDRS: "10.99.0.1": netip.ParsePrefix("10.99.0.1"): no \'/\''
 
 
 def _netns_or_skip() -> None:
-    from tests.interop.record_vectors import netns_available
-
-    if not netns_available():
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"`unshare -rn` failed and {REQUIRE_ENV}=1", pytrace=False)
-        pytest.skip("no unprivileged user/network namespaces (`unshare -rn` failed): a non-loopback "
-                    "source address needs a private network")
+    require_netns("a non-loopback source address needs a private network")
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,20 @@ Under DERPKIT_REQUIRE_GO_PEERS=1 (CI) a missing namespace facility fails instead
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.goderper import REQUIRE_ENV
-from tests.interop.record_vectors import netns_available
+from tests.goderper import require_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(90)
 
 
 def run_dev(mode: str, work: Path) -> dict:
-    if not netns_available():
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"`unshare -rn` failed and {REQUIRE_ENV}=1: the derpkit serve -dev "
-                        "end-to-end test cannot run", pytrace=False)
-        pytest.skip("no unprivileged network namespaces (`unshare -rn` failed): -dev takes the "
-                    "fixed ports 3340/3478, which tests take only inside a private namespace")
+    require_netns("-dev takes the fixed ports 3340/3478, which tests take only inside a private namespace")
     p = subprocess.run(
         ["unshare", "-rn", sys.executable, "-m", "tests.server.dev_serve_netns", mode, str(work)],
         capture_output=True, text=True, timeout=75, cwd=ROOT,

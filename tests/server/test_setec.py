@@ -28,7 +28,7 @@ from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
 from derpkit.protocol.constants import PeerPresentFlags
 from derpkit.protocol.keys import MeshKey
-from tests.goderper import GoDerper, free_port, require_derper
+from tests.goderper import GoDerper, build_go_program, free_port, require_derper
 
 from .helpers import deliver_eventually, free_ports
 from .serve_proc import ServeProc, start_serve
@@ -465,24 +465,9 @@ SETEC_SERVER_SRC = Path(__file__).parent / "setecserver"
 
 
 @pytest.fixture(scope="module")
-def setec_server_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
+def setec_server_binary() -> str:
     """Build tests/server/setecserver: setec's real API handlers and database on loopback."""
-    import shutil
-    import subprocess
-
-    from tests.goderper import REQUIRE_ENV
-
-    go = shutil.which("go")
-    if go is None:
-        msg = "Go toolchain NOT INSTALLED: the setec-server tests need `go` to build tests/server/setecserver"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
-        pytest.skip(msg)
-    out = str(tmp_path_factory.mktemp("setecserver") / "setecserver")
-    p = subprocess.run([go, "build", "-o", out, "."], cwd=SETEC_SERVER_SRC, capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, GOFLAGS="-mod=mod"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+    return build_go_program(SETEC_SERVER_SRC, "the setec-server tests")
 
 
 class RealSetec:
