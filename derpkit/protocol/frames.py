@@ -34,6 +34,7 @@ from .constants import (
     PeerPresentFlags,
 )
 from .errors import ProtocolError
+from .events import Event
 
 _HEADER = struct.Struct(">BI")
 _U32X2 = struct.Struct(">II")
@@ -45,7 +46,28 @@ def header(ftype: int, length: int) -> bytes:
     return _HEADER.pack(ftype, length)
 
 
+def _key(key: bytes, what: str) -> bytes:
+    """A raw key for the wire; a wrong length would shift every later byte of the stream."""
+    if len(key) != KEY_LEN:
+        raise ValueError(f"{what} must be a {KEY_LEN}-byte key, got {len(key)} bytes")
+    return key
+
+
+def _packet(data: bytes) -> bytes:
+    if len(data) > MAX_PACKET_SIZE:
+        raise ValueError(f"packet of {len(data)} bytes exceeds the DERP maximum of {MAX_PACKET_SIZE}")
+    return data
+
+
+def _eight(data: bytes, what: str) -> bytes:
+    if len(data) != PING_DATA_LEN:
+        raise ValueError(f"{what} data must be {PING_DATA_LEN} bytes, got {len(data)}")
+    return data
+
+
 def frame(ftype: int, payload: bytes = b"") -> bytes:
+    if not 0 <= ftype <= 0xFF:
+        raise ValueError(f"frame type {ftype} does not fit in a byte")
     if len(payload) > MAX_WRITE_FRAME:
         raise ValueError(f"frame of {len(payload)} bytes exceeds the {MAX_WRITE_FRAME} write cap")
     return _HEADER.pack(ftype, len(payload)) + payload
@@ -55,27 +77,27 @@ def frame(ftype: int, payload: bytes = b"") -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class ServerKey:
+class ServerKey(Event):
     key: bytes
     extra: bytes = b""
 
     def encode(self) -> bytes:
-        return frame(FrameType.SERVER_KEY, MAGIC + self.key + self.extra)
+        return frame(FrameType.SERVER_KEY, MAGIC + _key(self.key, "ServerKey key") + self.extra)
 
 
 @dataclass(frozen=True, slots=True)
-class ClientInfoFrame:
+class ClientInfoFrame(Event):
     """Client key plus the sealed JSON (nonce || tag || ciphertext); see handshake.py."""
 
     key: bytes
     sealed: bytes
 
     def encode(self) -> bytes:
-        return frame(FrameType.CLIENT_INFO, self.key + self.sealed)
+        return frame(FrameType.CLIENT_INFO, _key(self.key, "ClientInfo key") + self.sealed)
 
 
 @dataclass(frozen=True, slots=True)
-class ServerInfoFrame:
+class ServerInfoFrame(Event):
     sealed: bytes
 
     def encode(self) -> bytes:
@@ -83,7 +105,7 @@ class ServerInfoFrame:
 
 
 @dataclass(frozen=True, slots=True)
-class SendPacket:
+class SendPacket(Event):
     dst: bytes
     data: bytes
 
@@ -92,24 +114,24 @@ class SendPacket:
 
 
 @dataclass(frozen=True, slots=True)
-class RecvPacket:
+class RecvPacket(Event):
     """``src`` is None for the legacy v1 layout (a forwarded packet with a zero source)."""
 
     src: bytes | None
     data: bytes
 
     def encode(self) -> bytes:
-        return encode_recv_packet(self.src or _ZERO_KEY, self.data)
+        return encode_recv_packet(_ZERO_KEY if self.src is None else self.src, self.data)
 
 
 @dataclass(frozen=True, slots=True)
-class KeepAlive:
+class KeepAlive(Event):
     def encode(self) -> bytes:
         return KEEPALIVE_BYTES
 
 
 @dataclass(frozen=True, slots=True)
-class NotePreferred:
+class NotePreferred(Event):
     preferred: bool
 
     def encode(self) -> bytes:
@@ -117,16 +139,18 @@ class NotePreferred:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerGone:
+class PeerGone(Event):
     key: bytes
     reason: int = PeerGoneReason.DISCONNECTED
 
     def encode(self) -> bytes:
-        return frame(FrameType.PEER_GONE, self.key + bytes([self.reason]))
+        if not 0 <= self.reason <= 0xFF:
+            raise ValueError(f"PeerGone reason {self.reason} does not fit in a byte")
+        return frame(FrameType.PEER_GONE, _key(self.key, "PeerGone key") + bytes([self.reason]))
 
 
 @dataclass(frozen=True, slots=True)
-class PeerPresent:
+class PeerPresent(Event):
     """A peer connected to the server; ``ip``/``port`` are None from old servers.
 
     ``flags`` 0 means the server sent none (an old server).
@@ -142,52 +166,56 @@ class PeerPresent:
         flags = self.flags or PeerPresentFlags.IS_REGULAR
         return frame(
             FrameType.PEER_PRESENT,
-            self.key + ip16 + struct.pack(">HB", self.port, flags),
+            _key(self.key, "PeerPresent key") + ip16 + struct.pack(">HB", self.port, flags),
         )
 
 
 @dataclass(frozen=True, slots=True)
-class ForwardPacket:
+class ForwardPacket(Event):
     src: bytes
     dst: bytes
     data: bytes
 
     def encode(self) -> bytes:
-        return frame(FrameType.FORWARD_PACKET, self.src + self.dst + self.data)
+        return frame(
+            FrameType.FORWARD_PACKET,
+            _key(self.src, "ForwardPacket source") + _key(self.dst, "ForwardPacket destination")
+            + _packet(self.data),
+        )
 
 
 @dataclass(frozen=True, slots=True)
-class WatchConns:
+class WatchConns(Event):
     def encode(self) -> bytes:
         return frame(FrameType.WATCH_CONNS)
 
 
 @dataclass(frozen=True, slots=True)
-class ClosePeer:
+class ClosePeer(Event):
     key: bytes
 
     def encode(self) -> bytes:
-        return frame(FrameType.CLOSE_PEER, self.key)
+        return frame(FrameType.CLOSE_PEER, _key(self.key, "ClosePeer key"))
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(Event):
     data: bytes
 
     def encode(self) -> bytes:
-        return frame(FrameType.PING, self.data)
+        return frame(FrameType.PING, _eight(self.data, "Ping"))
 
 
 @dataclass(frozen=True, slots=True)
-class Pong:
+class Pong(Event):
     data: bytes
 
     def encode(self) -> bytes:
-        return frame(FrameType.PONG, self.data)
+        return frame(FrameType.PONG, _eight(self.data, "Pong"))
 
 
 @dataclass(frozen=True, slots=True)
-class Health:
+class Health(Event):
     """Problem text from the server; empty means healthy again."""
 
     problem: str
@@ -197,7 +225,7 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
-class Restarting:
+class Restarting(Event):
     """Advisory: reconnect after ``reconnect_in_ms``, keep trying for ``try_for_ms``."""
 
     reconnect_in_ms: int
@@ -208,7 +236,7 @@ class Restarting:
 
 
 @dataclass(frozen=True, slots=True)
-class Unknown:
+class Unknown(Event):
     """A frame type this end does not act on; kept so callers can count it."""
 
     ftype: int
@@ -230,13 +258,17 @@ _RECV_HDR = FrameType.RECV_PACKET
 
 
 def encode_send_packet(dst: bytes, data: bytes) -> bytes:
+    if len(dst) != KEY_LEN:
+        raise ValueError(f"SendPacket destination must be a {KEY_LEN}-byte key, got {len(dst)} bytes")
     if len(data) > MAX_PACKET_SIZE:
-        raise ValueError(f"packet of {len(data)} bytes exceeds {MAX_PACKET_SIZE}")
+        raise ValueError(f"packet of {len(data)} bytes exceeds the DERP maximum of {MAX_PACKET_SIZE}")
     return _HEADER.pack(_SEND_HDR, KEY_LEN + len(data)) + dst + data
 
 
 def encode_recv_packet(src: bytes, data: bytes) -> bytes:
     """RecvPacket in the v2 layout, or v1 (no key) when the source is the zero key."""
+    if len(src) != KEY_LEN:
+        raise ValueError(f"RecvPacket source must be a {KEY_LEN}-byte key, got {len(src)} bytes")
     if src == _ZERO_KEY:
         return _HEADER.pack(_RECV_HDR, len(data)) + data
     return _HEADER.pack(_RECV_HDR, KEY_LEN + len(data)) + src + data
