@@ -163,6 +163,8 @@ class ClientConnection:
         self.server_key_received = False
         self.server_info: handshake.ServerInfo | None = None
         self.error: ProtocolError | None = None
+        #: The non-101 answer, once the whole error body (or EOF) arrived.
+        self.refusal: UpgradeRefused | None = None
         self._reader = F.FrameReader()
         self._head = bytearray()
         self._refusal: tuple[int, str, dict[str, str]] | None = None
@@ -307,7 +309,8 @@ class ClientConnection:
         assert self._refusal is not None
         status, reason, headers = self._refusal
         body = bytes(self._head[:_MAX_ERROR_BODY])
-        events.append(UpgradeRefused(status, reason, tuple(headers.items()), body))
+        self.refusal = UpgradeRefused(status, reason, tuple(headers.items()), body)
+        events.append(self.refusal)
         text = body.decode("utf-8", "replace").strip()[:200]
         self._close(ProtocolError("upgrade_refused", f"HTTP {status} {reason}" + (f": {text}" if text else "")), events)
 
@@ -328,6 +331,9 @@ class ClientConnection:
         if ftype == _T_SERVER_KEY:
             # Fast start: the server sends ServerKey anyway. A wrong key would otherwise
             # show only as the server silently closing on us, so say it here.
+            if not self.fast_start:
+                self.ignored_frames += 1  # a second ServerKey: nothing to act on
+                return
             assert self.server_key is not None
             if len(payload) >= len(MAGIC) + KEY_LEN and payload[len(MAGIC) : len(MAGIC) + KEY_LEN] != self.server_key.raw:
                 got = NodePublic(payload[len(MAGIC) : len(MAGIC) + KEY_LEN])
