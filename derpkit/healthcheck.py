@@ -27,11 +27,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import math
 import os
-import socket
 import ssl
 import sys
-import time
 from collections.abc import Sequence
 
 from derpkit.server.certs import manual_paths, parse_ip
@@ -133,51 +132,39 @@ async def check_derp(cfg: ServeConfig, timeout: float) -> str:
 
 
 async def check_stun(cfg: ServeConfig, timeout: float) -> str:
-    from derpkit.stun import codec
+    """One Tailscale-shaped Binding transaction to ``-stun-port``, resent every second.
 
-    host = target_host(cfg)
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[bytes] = loop.create_future()
-    txid = codec.new_txid()
+    The socket is bound to the target's own (local) address, so the mapped address in the
+    answer must be exactly our socket: anything else means something rewrites the traffic.
+    """
+    from derpkit.stun.client import StunClientError, StunEndpoint, StunSendError, resolve
 
-    class Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: object) -> None:
-            if not got.done() and data[8:20] == txid:
-                got.set_result(data)
-
-        def error_received(self, exc: Exception) -> None:
-            if not got.done():
-                got.set_exception(exc)
-
-    transport, _ = await loop.create_datagram_endpoint(Proto, family=fam, remote_addr=(host, cfg.stun_port))
+    host, port = target_host(cfg), cfg.stun_port
     try:
-        req = codec.build_request(txid)
-        start = time.perf_counter()
-        deadline = start + timeout
-        while True:
-            transport.sendto(req)
-            try:
-                data = await asyncio.wait_for(asyncio.shield(got), min(1.0, max(0.01, deadline - time.perf_counter())))
-                break
-            except TimeoutError:
-                if time.perf_counter() >= deadline:
-                    raise CheckFailed(f"STUN {host}:{cfg.stun_port}: no answer in {timeout:g} s") from None
-            except OSError as e:
-                raise CheckFailed(f"STUN {host}:{cfg.stun_port}: {e}") from None
-        rtt = time.perf_counter() - start
+        family, ip = await resolve(host, port)
         try:
-            resp = codec.parse_response(data)
-        except codec.StunError as e:
-            raise CheckFailed(f"STUN {host}:{cfg.stun_port}: bad answer: {e}") from None
-        local = transport.get_extra_info("sockname")
-        if resp.port != local[1] or resp.ip != ipaddress.ip_address(local[0].split("%")[0]):
-            raise CheckFailed(
-                f"STUN {host}:{cfg.stun_port}: answer names {resp.ip}:{resp.port}, we are {local[0]}:{local[1]}"
+            endpoint = await StunEndpoint.open(family, local=(ip, 0))
+        except StunSendError:  # not an address of this host after all: any local address
+            endpoint = await StunEndpoint.open(family)
+        async with endpoint:
+            resp = await endpoint.request(
+                (ip, port),
+                timeout=timeout,
+                retries=max(0, math.ceil(timeout) - 1),
+                retry_interval=1.0,
             )
-        return f"STUN ok: {host}:{cfg.stun_port} mapped {resp.ip}:{resp.port} in {rtt * 1000:.1f} ms"
-    finally:
-        transport.close()
+    except StunClientError as e:
+        raise CheckFailed(f"STUN {host}:{port}: {e}") from None
+    local_ip, local_port = resp.local
+    unspecified = ipaddress.ip_address(local_ip).is_unspecified
+    if resp.mapped_port != local_port or (
+        not unspecified and resp.mapped_ip != ipaddress.ip_address(local_ip)
+    ):
+        raise CheckFailed(
+            f"STUN {host}:{port}: answer names {resp.mapped_ip}:{resp.mapped_port}, "
+            f"we are {local_ip}:{local_port}"
+        )
+    return f"STUN ok: {host}:{port} mapped {resp.mapped_ip}:{resp.mapped_port} in {resp.rtt * 1000:.1f} ms"
 
 
 async def run_checks(cfg: ServeConfig, timeout: float) -> tuple[bool, list[str]]:

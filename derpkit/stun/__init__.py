@@ -1,14 +1,23 @@
 """Sans-IO STUN codec shared by the STUN server, ``derpkit stunc`` and the prober.
 
-See :mod:`derpkit.stun.codec` for the wire rules; everything public is re-exported here.
+See :mod:`derpkit.stun.codec` for the wire rules; everything public is re-exported here. The
+asyncio client over it is :mod:`derpkit.stun.client` (not imported here, so the server's import
+of the codec stays free of client code).
 """
 
 from derpkit.stun.codec import (
+    ATTR_CHANGE_REQUEST,
+    ATTR_ERROR_CODE,
     ATTR_FINGERPRINT,
     ATTR_MAPPED_ADDRESS,
+    ATTR_OTHER_ADDRESS,
+    ATTR_RESPONSE_ORIGIN,
     ATTR_SOFTWARE,
     ATTR_XOR_MAPPED_ADDRESS,
     ATTR_XOR_MAPPED_ADDRESS_ALT,
+    BINDING_ERROR,
+    BINDING_REQUEST,
+    BINDING_SUCCESS,
     HEADER_LEN,
     MAGIC_COOKIE,
     REQUEST_LEN,
@@ -16,22 +25,33 @@ from derpkit.stun.codec import (
     SOFTWARE,
     StunError,
     StunResponse,
+    build_plain_request,
     build_request,
     build_response,
+    decode_address,
+    decode_error_code,
     fingerprint,
     is_stun,
     new_txid,
+    parse_attrs,
     parse_binding_request,
     parse_response,
     parse_rfc_binding_request,
 )
 
 __all__ = [
+    "ATTR_CHANGE_REQUEST",
+    "ATTR_ERROR_CODE",
     "ATTR_FINGERPRINT",
     "ATTR_MAPPED_ADDRESS",
+    "ATTR_OTHER_ADDRESS",
+    "ATTR_RESPONSE_ORIGIN",
     "ATTR_SOFTWARE",
     "ATTR_XOR_MAPPED_ADDRESS",
     "ATTR_XOR_MAPPED_ADDRESS_ALT",
+    "BINDING_ERROR",
+    "BINDING_REQUEST",
+    "BINDING_SUCCESS",
     "HEADER_LEN",
     "MAGIC_COOKIE",
     "REQUEST_LEN",
@@ -39,11 +59,15 @@ __all__ = [
     "SOFTWARE",
     "StunError",
     "StunResponse",
+    "build_plain_request",
     "build_request",
     "build_response",
+    "decode_address",
+    "decode_error_code",
     "fingerprint",
     "is_stun",
     "new_txid",
+    "parse_attrs",
     "parse_binding_request",
     "parse_response",
     "parse_rfc_binding_request",

@@ -26,13 +26,17 @@ from typing import Final
 
 __all__ = [
     "ATTR_CHANGE_REQUEST",
+    "ATTR_ERROR_CODE",
     "ATTR_FINGERPRINT",
     "ATTR_MAPPED_ADDRESS",
     "ATTR_MESSAGE_INTEGRITY",
     "ATTR_MESSAGE_INTEGRITY_SHA256",
+    "ATTR_OTHER_ADDRESS",
+    "ATTR_RESPONSE_ORIGIN",
     "ATTR_SOFTWARE",
     "ATTR_XOR_MAPPED_ADDRESS",
     "ATTR_XOR_MAPPED_ADDRESS_ALT",
+    "BINDING_ERROR",
     "BINDING_REQUEST",
     "BINDING_SUCCESS",
     "HEADER_LEN",
@@ -42,11 +46,15 @@ __all__ = [
     "RFC_UNDERSTOOD_REQUIRED_ATTRS",
     "StunError",
     "StunResponse",
+    "build_plain_request",
     "build_request",
     "build_response",
+    "decode_address",
+    "decode_error_code",
     "fingerprint",
     "is_stun",
     "new_txid",
+    "parse_attrs",
     "parse_binding_request",
     "parse_response",
     "parse_rfc_binding_request",
@@ -70,6 +78,7 @@ REQUEST_LEN: Final = 40  # Tailscale's request: header + SOFTWARE(4+8) + FINGERP
 ATTR_MAPPED_ADDRESS: Final = 0x0001  # plain address (fallback only)
 ATTR_CHANGE_REQUEST: Final = 0x0003  # RFC 5780 "answer from another address/port"
 ATTR_USERNAME: Final = 0x0006  # short/long-term credential user name
+ATTR_ERROR_CODE: Final = 0x0009  # class/number/reason of an error response
 ATTR_MESSAGE_INTEGRITY: Final = 0x0008  # HMAC-SHA1 over the message
 ATTR_REALM: Final = 0x0014  # long-term credential realm
 ATTR_NONCE: Final = 0x0015  # long-term credential nonce
@@ -82,6 +91,8 @@ ATTR_USE_CANDIDATE: Final = 0x0025  # ICE nomination flag
 ATTR_XOR_MAPPED_ADDRESS_ALT: Final = 0x8020  # pre-RFC draft number some old servers still send
 ATTR_SOFTWARE: Final = 0x8022  # free-text agent name
 ATTR_FINGERPRINT: Final = 0x8028  # CRC-32 xor "STUN"; must be the last attribute
+ATTR_RESPONSE_ORIGIN: Final = 0x802B  # RFC 5780: the address the server answered from
+ATTR_OTHER_ADDRESS: Final = 0x802C  # RFC 5780: the server's alternate IP:port
 
 FAMILY_IPV4: Final = 0x01  # address family byte for IPv4
 FAMILY_IPV6: Final = 0x02  # address family byte for IPv6
@@ -215,6 +226,30 @@ def _decode_address(
     return ip, port
 
 
+def decode_address(
+    value: bytes, txid: bytes, *, xor: bool
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """Decode one address attribute value (MAPPED-ADDRESS layout), unmapping IPv4-in-IPv6.
+
+    ``xor=True`` for XOR-MAPPED-ADDRESS (0x0020/0x8020); ``xor=False`` for MAPPED-ADDRESS and
+    the RFC 5780 RESPONSE-ORIGIN/OTHER-ADDRESS, which a NAT-discovery client reads from
+    :func:`parse_attrs` output. Raises ``ErrMalformedAttrs`` like :func:`parse_response`.
+    """
+    return _decode_address(value, txid, xor)
+
+
+def decode_error_code(value: bytes) -> tuple[int, str]:
+    """ERROR-CODE value -> (code, reason), e.g. ``(420, "Unknown Attribute")``.
+
+    Tailscale servers never send error responses, but RFC servers do (420 for a CHANGE-REQUEST
+    they do not support), and a client should say so instead of reporting garbage.
+    """
+    if len(value) < 4:
+        raise StunError("ErrMalformedAttrs", "ERROR-CODE shorter than 4 bytes")
+    code = (value[2] & 0x07) * 100 + value[3]
+    return code, value[4:].decode("utf-8", "replace")
+
+
 # --- builders --------------------------------------------------------------------------------
 
 
@@ -233,6 +268,33 @@ def build_request(txid: bytes | None = None) -> bytes:
         + _ATTR_HDR.pack(ATTR_SOFTWARE, len(SOFTWARE))
         + SOFTWARE
     )
+    return head + _ATTR_HDR.pack(ATTR_FINGERPRINT, 4) + _U32.pack(fingerprint(head))
+
+
+def build_plain_request(
+    txid: bytes | None = None,
+    attrs: tuple[tuple[int, bytes], ...] | list[tuple[int, bytes]] = (),
+    *,
+    with_fingerprint: bool = False,
+) -> bytes:
+    """An RFC 5389/8489 Binding request with ``attrs`` (padded with zeros), not Tailscale's.
+
+    With no attributes it is the bare 20-byte header that generic STUN tools send; Go derper and
+    ``derpkit serve -stun-strict`` ignore it. RFC 5780 NAT discovery adds CHANGE-REQUEST here.
+    ``with_fingerprint`` appends a FINGERPRINT, which some servers require.
+    """
+    if txid is None:
+        txid = new_txid()
+    if len(txid) != TXID_LEN:
+        raise ValueError(f"transaction id must be {TXID_LEN} bytes, got {len(txid)}")
+    body = b"".join(
+        _ATTR_HDR.pack(atype, len(value)) + value + b"\x00" * (-len(value) % 4)
+        for atype, value in attrs
+    )
+    if not with_fingerprint:
+        return _HEADER.pack(BINDING_REQUEST, len(body), MAGIC_COOKIE, txid) + body
+    head = _HEADER.pack(BINDING_REQUEST, len(body) + FINGERPRINT_ATTR_LEN, MAGIC_COOKIE, txid)
+    head += body
     return head + _ATTR_HDR.pack(ATTR_FINGERPRINT, 4) + _U32.pack(fingerprint(head))
 
 
@@ -303,6 +365,22 @@ def parse_response(data: bytes | bytearray | memoryview) -> StunResponse:
     if chosen is None:
         raise StunError("ErrMalformedAttrs", "no (XOR-)MAPPED-ADDRESS attribute")
     return StunResponse(txid, chosen[0], chosen[1], chosen[2])
+
+
+def parse_attrs(data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+    """Every attribute of any STUN message as (type, unpadded value), in wire order.
+
+    The same framing rules as :func:`parse_response` (bytes after the declared length ignored,
+    padding required), but any message class, so a client can hand callers the raw attributes
+    (SOFTWARE, RESPONSE-ORIGIN, OTHER-ADDRESS, ERROR-CODE) the Tailscale parser skips.
+    """
+    data = bytes(data)
+    if not is_stun(data):
+        raise StunError("ErrNotSTUN", "not a STUN message")
+    length = int.from_bytes(data[2:4], "big")
+    if length > len(data) - HEADER_LEN:
+        raise StunError("ErrMalformedAttrs", "header length exceeds the datagram")
+    return _walk_attrs(data[HEADER_LEN : HEADER_LEN + length])
 
 
 def parse_binding_request(data: bytes | bytearray | memoryview) -> bytes:

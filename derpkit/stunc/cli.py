@@ -13,23 +13,28 @@ reply whose transaction id belongs to an earlier request of the same run is skip
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from derpkit.server.goflag import parse_duration_seconds
-from derpkit.stun.codec import StunError, build_request, new_txid, parse_response
+from derpkit.stun.client import (
+    DEFAULT_PORT,
+    StunClientError,
+    StunEndpoint,
+    StunResult,
+    join_addr,
+    resolve,
+)
+from derpkit.stun.codec import new_txid
 
-__all__ = ["DEFAULT_PORT", "DEFAULT_TIMEOUT", "Reply", "main", "parse_go_duration", "query"]
+__all__ = ["DEFAULT_PORT", "DEFAULT_TIMEOUT", "main", "parse_go_duration"]
 
 PROG = "derpkit stunc"
-DEFAULT_PORT = 3478  # Tailscale's and the RFC's STUN port
 DEFAULT_TIMEOUT = 3.0  # seconds; Go stunc's default, also netcheck's STUN phase budget
-RECV_BUF = 65535  # any UDP datagram (Go reads 1024 bytes; a bigger reply should not be cut)
 
 
 class UsageError(Exception):
@@ -165,128 +170,17 @@ def parse_args(argv: list[str]) -> Options:
 # --- the query -----------------------------------------------------------------------------
 
 
-def fmt_addr(host: str, port: int) -> str:
-    """``host:port`` with IPv6 bracketed and IPv4-mapped IPv6 shown as plain IPv4."""
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
-    """(family, sockaddr) for ``host``; like Go, an IPv4 answer wins when a name has both."""
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as e:
-        reason = e.strerror if isinstance(e, socket.gaierror) and e.strerror else str(e)
-        raise OSError(f"lookup {host}: {reason}") from None
-    infos.sort(key=lambda i: i[0] != socket.AF_INET)
-    return infos[0][0], infos[0][4]
-
-
-@dataclass
-class Reply:
-    """One answered request."""
-
-    txid: bytes
-    rtt: float  # seconds, send to receive
-    from_addr: str
-    mapped_ip: str
-    mapped_port: int
-    addr_attr: int
-
-    @property
-    def mapped(self) -> str:
-        return fmt_addr(self.mapped_ip, self.mapped_port)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "txid": self.txid.hex(),
-            "rtt_ms": round(self.rtt * 1000, 3),
-            "from_addr": self.from_addr,
-            "mapped_addr": self.mapped,
-            "mapped_ip": self.mapped_ip,
-            "mapped_port": self.mapped_port,
-            "addr_attr": f"0x{self.addr_attr:04x}",
-        }
-
-
-class QueryError(Exception):
-    """A request failed; the message is for people, ``kind`` for programs (JSON)."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def _go_bytes(b: bytes) -> str:
-    return "[" + " ".join(str(x) for x in b) + "]"
-
-
-def query(
-    sock: socket.socket,
-    dest: tuple[Any, ...],
-    timeout: float,
-    *,
-    txid: bytes | None = None,
-    stale: frozenset[bytes] = frozenset(),
-) -> Reply:
-    """Send one request from ``sock`` to ``dest`` and wait at most ``timeout`` for its reply.
-
-    Like Go stunc the first datagram decides (a non-STUN reply or a foreign transaction id is an
-    error), except that replies to ``stale`` ids (our own earlier, timed-out requests) are
-    skipped so ``-count`` survives a late answer.
-    """
-    txid = txid or new_txid()
-    start = time.perf_counter()
-    deadline = start + timeout
-    sock.sendto(build_request(txid), dest)
-    server = fmt_addr(dest[0], dest[1])
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            raise QueryError(
-                f"no STUN reply from {server} within {format_go_duration(timeout)}", "timeout"
-            )
-        sock.settimeout(left)
-        try:
-            data, src = sock.recvfrom(RECV_BUF)
-        except TimeoutError:
-            raise QueryError(
-                f"no STUN reply from {server} within {format_go_duration(timeout)}", "timeout"
-            ) from None
-        except ConnectionRefusedError:
-            raise QueryError(
-                f"{server} refused the request (ICMP port unreachable): nothing listens "
-                f"on UDP port {dest[1]} there",
-                "refused",
-            ) from None
-        rtt = time.perf_counter() - start
-        frm = fmt_addr(src[0], src[1])
-        try:
-            resp = parse_response(data)
-        except StunError as e:
-            if e.txid is not None and e.txid in stale:
-                continue
-            what = {
-                "ErrNotSTUN": "is not STUN at all",
-                "ErrNotSuccessResponse": (
-                    "is not a Binding success response (an error response, or a request "
-                    "looped back to us?)"
-                ),
-                "ErrMalformedAttrs": "is a STUN response without a usable mapped address",
-            }.get(e.name, "could not be parsed")
-            raise QueryError(
-                f"reply from {frm} ({len(data)} bytes) {what}: {e.name}", "bad_reply"
-            ) from None
-        if resp.txid != txid:
-            if resp.txid in stale:
-                continue
-            raise QueryError(
-                f"txid mismatch: got {_go_bytes(resp.txid)}, want {_go_bytes(txid)}",
-                "txid_mismatch",
-            )
-        return Reply(txid, rtt, frm, str(resp.ip), resp.port, resp.addr_attr)
+def _reply_json(r: StunResult) -> dict[str, Any]:
+    """One answered request as the ``-json`` output has always shown it."""
+    return {
+        "txid": r.txid.hex(),
+        "rtt_ms": round(r.rtt * 1000, 3),
+        "from_addr": join_addr(*r.origin),
+        "mapped_addr": r.mapped,
+        "mapped_ip": str(r.mapped_ip),
+        "mapped_port": r.mapped_port,
+        "addr_attr": f"0x{r.addr_attr:04x}",
+    }
 
 
 def _timeout_hint(server: str, port: int, timeout: float) -> str:
@@ -310,13 +204,13 @@ def _emit_json(out: TextIO, doc: dict[str, Any]) -> None:
 
 @dataclass
 class _Run:
-    replies: list[Reply] = field(default_factory=list)
+    replies: list[StunResult] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def main(argv: list[str]) -> int:
     """Entry point for ``derpkit stunc``; returns the process exit status."""
-    err, out = sys.stderr, sys.stdout
+    err = sys.stderr
     try:
         opts = parse_args(argv)
     except UsageError as e:
@@ -330,6 +224,12 @@ def main(argv: list[str]) -> int:
                 err.write(_defaults())
         return e.code
 
+    return asyncio.run(_probe(opts))
+
+
+async def _probe(opts: Options) -> int:
+    """Resolve, then send ``-count`` requests one after another from one socket."""
+    err, out = sys.stderr, sys.stdout
     doc: dict[str, Any] = {
         "server": opts.host,
         "port": opts.port,
@@ -338,35 +238,41 @@ def main(argv: list[str]) -> int:
         "error": None,
     }
     try:
-        family, dest = resolve(opts.host, opts.port)
-    except OSError as e:
+        family, ip = await resolve(opts.host, opts.port)
+        endpoint = await StunEndpoint.open(family)
+    except StunClientError as e:
         err.write(f"{e}\n")
         if opts.json:
-            _emit_json(out, {**doc, "error": str(e), "error_kind": "lookup"})
+            _emit_json(out, {**doc, "error": str(e), "error_kind": e.kind})
         return 1
-    sent = fmt_addr(dest[0], dest[1])
+    sent = join_addr(ip, opts.port)
     doc["sent_addr"] = sent
 
     run = _Run()
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+    async with endpoint:
         if not opts.json and opts.count > 1:
             err.write(f"sent addr: {sent}\n")
         for i in range(opts.count):
-            txid = new_txid()
+            txid = new_txid()  # ours, so a failed attempt can still be named in -json output
             try:
-                if opts.timeout <= 0:  # Go: a deadline in the past times out at once
-                    sock.sendto(build_request(txid), dest)
-                    raise QueryError(f"no STUN reply from {sent} within 0s", "timeout")
-                reply = query(
-                    sock,
-                    dest,
-                    opts.timeout,
-                    txid=txid,
-                    stale=frozenset(bytes.fromhex(a["txid"]) for a in run.attempts),
+                # strict: like Go stunc the first datagram decides (a late reply to one of our
+                # earlier requests is skipped by the endpoint, so -count survives it).
+                reply = await endpoint.request(
+                    (ip, opts.port), timeout=opts.timeout, strict=True, txid=txid
                 )
-            except QueryError as e:
-                msg = _timeout_hint(sent, dest[1], opts.timeout) if e.kind == "timeout" else str(e)
-                run.attempts.append({"txid": txid.hex(), "error": str(e), "error_kind": e.kind})
+            except StunClientError as e:
+                if e.kind == "send":
+                    err.write(f"{e}\n")
+                    if opts.json:
+                        _emit_json(out, {**doc, "error": str(e), "error_kind": "send"})
+                    return 1
+                short = (
+                    f"no STUN reply from {sent} within {format_go_duration(opts.timeout)}"
+                    if e.kind == "timeout"
+                    else str(e)
+                )
+                msg = _timeout_hint(sent, opts.port, opts.timeout) if e.kind == "timeout" else short
+                run.attempts.append({"txid": txid.hex(), "error": short, "error_kind": e.kind})
                 if opts.count == 1:
                     err.write(msg + "\n")
                     if opts.json:
@@ -375,26 +281,21 @@ def main(argv: list[str]) -> int:
                         )
                     return 1
                 if not opts.json:
-                    err.write(f"request {i + 1}/{opts.count}: {e}\n")
+                    err.write(f"request {i + 1}/{opts.count}: {short}\n")
                 continue
-            except OSError as e:
-                msg = f"sending to {sent}: {e}"
-                err.write(msg + "\n")
-                if opts.json:
-                    _emit_json(out, {**doc, "error": msg, "error_kind": "send"})
-                return 1
             run.replies.append(reply)
-            run.attempts.append(reply.as_json())
+            run.attempts.append(_reply_json(reply))
             if opts.json:
                 continue
             if opts.count == 1:
                 # Go prints all three lines only once the reply is in.
                 err.write(
-                    f"sent addr: {sent}\nfrom addr: {reply.from_addr}\nstun addr: {reply.mapped}\n"
+                    f"sent addr: {sent}\nfrom addr: {join_addr(*reply.origin)}\n"
+                    f"stun addr: {reply.mapped}\n"
                 )
             else:
                 err.write(
-                    f"request {i + 1}/{opts.count}: from {reply.from_addr}: "
+                    f"request {i + 1}/{opts.count}: from {join_addr(*reply.origin)}: "
                     f"stun addr {reply.mapped} rtt {reply.rtt * 1000:.3f} ms\n"
                 )
 
@@ -412,9 +313,9 @@ def _finish(opts: Options, doc: dict[str, Any], run: _Run, sent: str) -> int:
         doc.update(
             ok=got > 0,
             error=None if got else f"no STUN reply from {sent} to {n} requests",
-            from_addr=last.from_addr if last else None,
+            from_addr=join_addr(*last.origin) if last else None,
             mapped_addr=last.mapped if last else None,
-            mapped_ip=last.mapped_ip if last else None,
+            mapped_ip=str(last.mapped_ip) if last else None,
             mapped_port=last.mapped_port if last else None,
             txid=last.txid.hex() if last else None,
             rtt_ms=round(last.rtt * 1000, 3) if last else None,

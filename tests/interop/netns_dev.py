@@ -26,17 +26,12 @@ def stunc(binary: str, host: str, port: int) -> dict[str, object]:
 
 
 def codec_exchange(family: int, addr: tuple[str, int]) -> dict[str, object]:
-    from derpkit.stun import codec
+    """One request through derpkit's STUN client from a wildcard socket; the raw reply."""
+    from derpkit.stun.client import query
 
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(3)
-        txid = codec.new_txid()
-        s.sendto(codec.build_request(txid), addr)
-        data, _ = s.recvfrom(2048)
-        r = codec.parse_response(data)
-        local = s.getsockname()
-        return {"raw": data.hex(), "ip": str(r.ip), "port": r.port, "txid_ok": r.txid == txid,
-                "local_ip": local[0], "local_port": local[1]}
+    r = asyncio.run(query(addr[0], addr[1], family=family, timeout=3))
+    return {"raw": r.raw.hex(), "ip": str(r.mapped_ip), "port": r.mapped_port,
+            "txid_ok": r.raw[8:20] == r.txid, "local_ip": r.local[0], "local_port": r.local[1]}
 
 
 async def client_session() -> dict[str, object]:

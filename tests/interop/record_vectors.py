@@ -172,15 +172,12 @@ async def record_http(port: int) -> dict[str, bytes]:
     return out
 
 
-def stun_exchange(family: int, server: tuple[str, int], txid: bytes) -> bytes:
+async def stun_exchange(family: int, server: tuple[str, int], txid: bytes) -> bytes:
     """One Tailscale STUN request from a socket of ``family``; the raw reply."""
-    from derpkit.stun import codec
+    from derpkit.stun.client import query
 
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(3)
-        s.sendto(codec.build_request(txid), server)
-        data, _ = s.recvfrom(2048)
-        return data
+    r = await query(server[0], server[1], family=family, timeout=3, txid=txid)
+    return r.raw
 
 
 def describe(v: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +220,7 @@ async def record_all(binary: str, *, keepalive: bool) -> dict[str, Any]:
         v = await record_derp(d.port, keepalive=keepalive)
         v.update(await record_http(d.port))
         txid = bytes(range(1, 13))
-        v["stun_ipv4"] = stun_exchange(socket.AF_INET, ("127.0.0.1", d.stun_port), txid)
+        v["stun_ipv4"] = await stun_exchange(socket.AF_INET, ("127.0.0.1", d.stun_port), txid)
         server_public = d.public_key
     finally:
         d.stop()
@@ -249,27 +246,31 @@ async def record_all(binary: str, *, keepalive: bool) -> dict[str, Any]:
 
 
 NETNS_SCRIPT = r"""
-import json, os, socket, subprocess, sys, time
+import asyncio, json, socket, subprocess, sys, time
+from derpkit.stun.client import StunClientError, query
 binary = sys.argv[1]
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 p = subprocess.Popen([binary, "-dev"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def ask(fam, host, deadline):
+    # derper -dev needs a moment to bind 3478; until then the port refuses or stays silent.
+    while True:
+        try:
+            r = await query(host, 3478, family=fam, timeout=0.3, txid=bytes(range(1, 13)))
+            return r.raw.hex()
+        except StunClientError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 try:
-    txid = bytes(range(1, 13))
-    req = bytes.fromhex(sys.argv[2])
-    out = {}
     deadline = time.monotonic() + 10
-    for name, fam, addr in (("stun_v4_on_dual_stack", socket.AF_INET, ("127.0.0.1", 3478)),
-                            ("stun_ipv6", socket.AF_INET6, ("::1", 3478))):
-        while True:
-            with socket.socket(fam, socket.SOCK_DGRAM) as s:
-                s.settimeout(0.3)
-                s.sendto(req, addr)
-                try:
-                    out[name] = s.recvfrom(2048)[0].hex()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
+    out = {}
+    for name, fam, host in (("stun_v4_on_dual_stack", socket.AF_INET, "127.0.0.1"),
+                            ("stun_ipv6", socket.AF_INET6, "::1")):
+        out[name] = asyncio.run(ask(fam, host, deadline))
     print(json.dumps(out))
 finally:
     p.kill()
@@ -291,11 +292,8 @@ def netns_stun(binary: str) -> dict[str, bytes]:
     ``unshare -rn`` the only interface is a private loopback, so nothing collides with
     other tests and nothing is exposed.
     """
-    from derpkit.stun import codec
-
-    req = codec.build_request(bytes(range(1, 13))).hex()
     p = subprocess.run(
-        ["unshare", "-rn", sys.executable, "-c", NETNS_SCRIPT, binary, req],
+        ["unshare", "-rn", sys.executable, "-c", NETNS_SCRIPT, binary],
         capture_output=True, text=True, timeout=30,
     )
     if p.returncode != 0:

@@ -8,13 +8,13 @@ run in a private network namespace: see test_dev_mode_netns.py.
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 
 import pytest
 
 from derpkit.server.stun import start_stun_server
 from derpkit.stun import codec
+from derpkit.stun.client import query
 from tests.goderper import derper_fixture, require_go_tool
 
 from .helpers import run_go
@@ -77,18 +77,12 @@ async def test_derpkit_codec_against_go_derper_stun(derper, rounds: int) -> None
     before = go_varz(derper.base_url)
     n0 = int(re.search(r'^stun_requests\{disposition="success"\} (\d+)$', before, re.M).group(1))
     for _ in range(rounds):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(3)
-            s.bind(("127.0.0.1", 0))
-            txid = codec.new_txid()
-            s.sendto(codec.build_request(txid), ("127.0.0.1", derper.stun_port))
-            data, src = s.recvfrom(2048)
-            r = codec.parse_response(data)
-            assert r.txid == txid
-            assert (str(r.ip), r.port) == s.getsockname()
-            assert r.addr_attr == codec.ATTR_XOR_MAPPED_ADDRESS
-            # Go's exact reply to an IPv4 client on an IPv4 socket is what we would send.
-            assert data == codec.build_response(txid, r.ip, r.port)
+        r = await query("127.0.0.1", derper.stun_port, timeout=3, local=("127.0.0.1", 0))
+        assert (str(r.mapped_ip), r.mapped_port) == r.local
+        assert r.origin == ("127.0.0.1", derper.stun_port)
+        assert r.addr_attr == codec.ATTR_XOR_MAPPED_ADDRESS
+        # Go's exact reply to an IPv4 client on an IPv4 socket is what we would send.
+        assert r.raw == codec.build_response(r.txid, r.mapped_ip, r.mapped_port)
     after = go_varz(derper.base_url)
     n1 = int(re.search(r'^stun_requests\{disposition="success"\} (\d+)$', after, re.M).group(1))
     assert n1 - n0 == rounds

@@ -32,7 +32,7 @@ async def test_go_derper_still_sends_the_committed_vectors(tmp_path) -> None:
     try:
         v = await R.record_derp(d.port)
         v.update(await R.record_http(d.port))
-        v["stun_ipv4"] = R.stun_exchange(R.socket.AF_INET, ("127.0.0.1", d.stun_port), bytes(range(1, 13)))
+        v["stun_ipv4"] = await R.stun_exchange(R.socket.AF_INET, ("127.0.0.1", d.stun_port), bytes(range(1, 13)))
         server_hex = d.public_key.hex()
     finally:
         d.stop()

@@ -84,20 +84,13 @@ async def derp_session() -> dict[str, Any]:
 
 def stun_exchange() -> dict[str, Any]:
     """A Tailscale-shaped Binding request to the fixed STUN port; the raw answer and our socket."""
-    from derpkit.stun import codec
+    from derpkit.stun.client import query
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(3)
-        s.bind(("127.0.0.1", 0))
-        txid = codec.new_txid()
-        s.sendto(codec.build_request(txid), STUN_ADDR)
-        data, src = s.recvfrom(2048)
-        r = codec.parse_response(data)
-        local = s.getsockname()
-        return {
-            "raw": data.hex(), "from": list(src), "ip": str(r.ip), "port": r.port,
-            "txid_ok": r.txid == txid, "local_ip": local[0], "local_port": local[1],
-        }
+    r = asyncio.run(query(*STUN_ADDR, timeout=3, local=("127.0.0.1", 0)))
+    return {
+        "raw": r.raw.hex(), "from": list(r.origin), "ip": str(r.mapped_ip), "port": r.mapped_port,
+        "txid_ok": r.raw[8:20] == r.txid, "local_ip": r.local[0], "local_port": r.local[1],
+    }
 
 
 def tls_refused_on_3340() -> str:

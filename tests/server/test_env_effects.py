@@ -17,7 +17,6 @@ import os
 import re
 import socket
 import ssl
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from derpkit.protocol.keys import NodePrivate
 from derpkit.server import certs
 from derpkit.server.app import build_node
 from derpkit.server.config import parse_config
+from derpkit.stun.client import StunTimeout, StunUnreachable, query
 
 from .helpers import deliver_eventually, free_ports, recv_packet
 from .serve_proc import ServeProc, start_serve
@@ -47,29 +47,12 @@ def free_udp_port() -> int:
 
 
 async def stun_answers(port: int, timeout: float = 1.0) -> bool:
-    txid = os.urandom(12)
-    req = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + txid
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[bytes] = loop.create_future()
-
-    class P(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: object) -> None:
-            if not fut.done():
-                fut.set_result(data)
-
-        def error_received(self, exc: Exception) -> None:
-            if not fut.done():
-                fut.set_exception(exc)
-
-    t, _ = await loop.create_datagram_endpoint(P, remote_addr=("127.0.0.1", port))
+    """Does a bare RFC 5389 Binding request (what generic STUN tools send) get an answer?"""
     try:
-        t.sendto(req)
-        data = await asyncio.wait_for(fut, timeout)
-        return data[8:20] == txid
-    except (TimeoutError, ConnectionRefusedError):
+        await query("127.0.0.1", port, timeout=timeout, shape="plain")
+    except (StunTimeout, StunUnreachable):
         return False
-    finally:
-        t.close()
+    return True
 
 
 async def get(sp: ServeProc, path: str, **kw: object) -> tuple[int, bytes]:

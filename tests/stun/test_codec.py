@@ -334,3 +334,40 @@ def test_rfc3489_classic_request_refused() -> None:
 def test_fingerprint_helper() -> None:
     req = build_request(bytes(12))
     assert struct.pack("!I", fingerprint(req[:32])) == req[36:]
+
+
+# --- builders/parsers the asyncio client needs -----------------------------------------------
+
+
+def test_build_plain_request_is_a_bare_rfc_request() -> None:
+    from derpkit.stun.codec import build_plain_request
+
+    bare = build_plain_request(TX)
+    assert bare == b"\x00\x01\x00\x00" + MAGIC_COOKIE + TX
+    assert parse_rfc_binding_request(bare) == TX
+    with pytest.raises(StunError, match="ErrWrongSoftware"):
+        parse_binding_request(bare)  # Go derper's parser refuses it
+    odd = build_plain_request(TX, [(0x8022, b"abc")], with_fingerprint=True)
+    assert len(odd) == 20 + 8 + 8 and odd[27] == 0  # value padded to 4 bytes
+    assert parse_rfc_binding_request(odd) == TX  # FINGERPRINT last and correct
+
+
+def test_parse_attrs_and_error_code() -> None:
+    from derpkit.stun.codec import (
+        ATTR_ERROR_CODE,
+        ATTR_XOR_MAPPED_ADDRESS,
+        decode_address,
+        decode_error_code,
+        parse_attrs,
+    )
+
+    resp = build_response(TX, "192.0.2.9", 1234) + b"junk after the message"
+    ((atype, value),) = parse_attrs(resp)
+    assert atype == ATTR_XOR_MAPPED_ADDRESS
+    assert decode_address(value, TX, xor=True) == (ipaddress.ip_address("192.0.2.9"), 1234)
+    assert decode_error_code(b"\x00\x00\x04\x14Unknown Attribute") == (420, "Unknown Attribute")
+    assert ATTR_ERROR_CODE == 0x0009
+    with pytest.raises(StunError, match="ErrNotSTUN"):
+        parse_attrs(b"hello")
+    with pytest.raises(StunError, match="ErrMalformedAttrs"):
+        parse_attrs(resp[:2] + b"\x01\x00" + resp[4:32])

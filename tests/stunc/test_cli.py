@@ -149,6 +149,20 @@ async def test_count_all_lost(silent_port: str, capsys: pytest.CaptureFixture) -
     assert "2 requests, 0 replies, 100% lost" in err and "is UDP port" in err
 
 
+async def test_refused_port_fails_fast(capsys: pytest.CaptureFixture) -> None:
+    """ICMP port unreachable from a closed loopback port ends the wait at once, and says why."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    t0 = time.monotonic()
+    assert await stunc("-timeout", "5s", "-json", "127.0.0.1", port) == 1
+    assert time.monotonic() - t0 < 2
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert doc["error_kind"] == "refused"
+    assert f"nothing listens on UDP port {port} there" in doc["error"] == cap.err.strip()
+
+
 class Responder(asyncio.DatagramProtocol):
     """A misbehaving UDP peer: ``answer(request, n)`` returns (delay, reply bytes or None)."""
 
