@@ -15,6 +15,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from derpkit.protocol import frames as F
+from derpkit.protocol.connection import ServerPolicy
 from derpkit.protocol.constants import (
     DISCO_MAGIC,
     DISCO_MIN_LEN,
@@ -29,7 +30,7 @@ from derpkit.protocol.constants import (
     PeerGoneReason,
     looks_like_disco,
 )
-from derpkit.protocol.handshake import ClientInfo, ServerInfo
+from derpkit.protocol.handshake import ClientInfo
 from derpkit.protocol.keys import MeshKey, NodePrivate, NodePublic
 
 from .conn import ClientConn
@@ -74,21 +75,22 @@ class DerpServer:
         server_pings: bool = True,
         restart_notice: float = 5.0,
     ) -> None:
-        self.private_key = private_key
+        # The settings every connection's protocol core reads; the attributes below with
+        # the same names are views of it, so a reload changes it for every connection.
+        self.policy = ServerPolicy(
+            private_key,
+            mesh_key=mesh_key,
+            keepalive_interval=keepalive_interval,
+            keepalive_jitter=keepalive_jitter,
+            server_pings=server_pings,
+            write_timeout=write_timeout,
+            mesh_write_timeout=MESH_WRITE_TIMEOUT,
+        )
         self.public_key = private_key.public()
-        self.mesh_key = mesh_key
-        self.write_timeout = write_timeout
-        self.mesh_write_timeout = MESH_WRITE_TIMEOUT
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_jitter = keepalive_jitter
         self.admit = admit
-        self.server_pings = server_pings
         self.restart_notice = restart_notice
         self.queue_depth = _queue_depth_from_env()
         self.debug_logs = bool(os.environ.get("DERP_DEBUG_LOGS"))
-        self.rate_limit: tuple[int, int] | None = None
-        self.server_info = ServerInfo()
-        self.server_key_frame = F.ServerKey(self.public_key.raw).encode()
         self.stats = Stats()
         self.conns: set[ClientConn] = set()
         self.clients: dict[bytes, ClientSet[ClientConn]] = {}
@@ -97,6 +99,27 @@ class DerpServer:
         self.rtt = RttSampler(self)
         self.peer_gone_subs: dict[bytes, set[ClientConn]] = {}
         self.closing = False
+
+    # ------------------------------------------------------------------ policy views
+
+    private_key = property(lambda self: self.policy.private_key)
+    server_key_frame = property(lambda self: self.policy.server_key_frame)
+
+    def _policy_attr(name: str) -> property:  # type: ignore[misc]
+        return property(
+            lambda self: getattr(self.policy, name),
+            lambda self, value: setattr(self.policy, name, value),
+        )
+
+    mesh_key = _policy_attr("mesh_key")
+    write_timeout = _policy_attr("write_timeout")
+    mesh_write_timeout = _policy_attr("mesh_write_timeout")
+    keepalive_interval = _policy_attr("keepalive_interval")
+    keepalive_jitter = _policy_attr("keepalive_jitter")
+    server_pings = _policy_attr("server_pings")
+    rate_limit = _policy_attr("rate_limit")
+    server_info = _policy_attr("server_info")
+    del _policy_attr
 
     # ------------------------------------------------------------------ registration
 

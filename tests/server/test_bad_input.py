@@ -114,17 +114,11 @@ async def test_unknown_frames_are_skipped_and_counted() -> None:
 
 
 async def test_handshake_timeout_closes_silent_connection() -> None:
-    from derpkit.server import conn as conn_mod
-
-    old = conn_mod.HANDSHAKE_TIMEOUT
-    conn_mod.HANDSHAKE_TIMEOUT = 0.3
-    try:
-        async with running_node() as node:
-            raw = await RawConn.open(node.port)
-            assert await raw.closed_by_server(timeout=3)
-            assert node.server.stats.conn_errors["handshake_timeout"] == 1
-    finally:
-        conn_mod.HANDSHAKE_TIMEOUT = old
+    async with running_node() as node:
+        node.server.policy.handshake_timeout = 0.3
+        raw = await RawConn.open(node.port)
+        assert await raw.closed_by_server(timeout=3)
+        assert node.server.stats.conn_errors["handshake_timeout"] == 1
 
 
 async def test_slow_reader_is_cut_off_alone() -> None:
