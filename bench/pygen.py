@@ -25,9 +25,10 @@ from collections import Counter
 
 from derpkit.client import DerpClient
 from derpkit.protocol import handshake
-from derpkit.protocol.frames import FrameReader, RecvPacket, decode_server_key
+from derpkit.protocol.connection import ClientConnection
+from derpkit.protocol.events import ConnectionFailed
+from derpkit.protocol.frames import RecvPacket
 from derpkit.protocol.keys import NodePrivate, NodePublic
-from derpkit.protocol.upgrade import build_request, split_head
 
 _STAMP = struct.Struct("<Qq")
 HIST_BUCKETS = 400
@@ -149,29 +150,44 @@ async def handshakes(a: argparse.Namespace) -> dict:
 
 
 async def _idle_conn(host: str, port: int, path: str, src: str | None) -> asyncio.StreamWriter:
+    """One admitted, idle DERP connection, driven by the same core as ``DerpClient``.
+
+    ``ClientConnection`` checks the 101, the ServerKey and the sealed ServerInfo, so a
+    refused or broken upgrade counts as failed instead of as an idle connection; and since
+    it declares CanAckPings, the core answers the server's liveness Pings while idling.
+    """
     reader, writer = await asyncio.open_connection(
         host, port, local_addr=(src, 0) if src else None
     )
-    writer.write(build_request(f"{host}:{port}", path))
-    buf = b""
-    while (parts := split_head(buf)) is None:
-        chunk = await reader.read(4096)
-        if not chunk:
-            raise ConnectionError("closed during upgrade")
-        buf += chunk
-    fr = FrameReader()
-    frames = fr.feed(parts[1])
-    while not frames:
-        frames = fr.feed(await reader.read(4096))
-    server = NodePublic(decode_server_key(*frames[0]).key)
-    priv = NodePrivate.generate()
-    writer.write(handshake.client_info_frame(priv, server, handshake.ClientInfo(can_ack_pings=True)))
-    frames = frames[1:]
-    while not frames:  # ServerInfo: admitted and registered
-        frames = fr.feed(await reader.read(4096))
+    clock = asyncio.get_running_loop().time
+    conn = ClientConnection(
+        NodePrivate.generate(), info=handshake.ClientInfo(can_ack_pings=True),
+        host=f"{host}:{port}", path=path, read_timeout=None,
+    )
 
-    async def drain() -> None:  # keep reading keepalives so nothing backs up
-        while await reader.read(4096):
+    def feed(chunk: bytes) -> None:
+        events = conn.receive_data(chunk, clock()) if chunk else conn.connection_lost(clock())
+        if out := conn.data_to_send():
+            writer.write(out)  # ClientInfo after ServerKey; Pongs later
+        for ev in events:
+            if isinstance(ev, ConnectionFailed):
+                writer.transport.abort()
+                raise ConnectionError(str(ev.error))
+
+    conn.start(clock())
+    writer.write(conn.data_to_send())
+    try:
+        while conn.server_info is None:  # ServerInfo: admitted and registered
+            feed(await reader.read(4096))
+    except BaseException:
+        writer.transport.abort()
+        raise
+
+    async def drain() -> None:  # keep reading keepalives (and answering pings)
+        try:
+            while True:
+                feed(await reader.read(4096))
+        except (OSError, ConnectionError):
             pass
 
     writer._derpkit_reader = asyncio.ensure_future(drain())  # type: ignore[attr-defined]
