@@ -1,4 +1,4 @@
-"""Shared pieces for server tests: a raw DERP connection for sending bad bytes."""
+"""Shared pieces for server tests: a raw DERP connection for sending bad bytes, and helpers."""
 
 from __future__ import annotations
 
@@ -9,46 +9,107 @@ from collections.abc import AsyncIterator
 
 from derpkit.client import DerpClient, DerpConnectionError
 from derpkit.protocol import frames as F
-from derpkit.protocol import upgrade as U
-from derpkit.protocol.keys import NodePublic
+from derpkit.protocol.connection import ClientConnection, ClientState
+from derpkit.protocol.events import ConnectionFailed, Event, ServerKeyReceived
+from derpkit.protocol.handshake import ClientInfo
+from derpkit.protocol.keys import NodePrivate, NodePublic
 from derpkit.server.node import DerpNode
 
 
 class RawConn:
-    """A hand-driven DERP connection: we choose every byte, including the wrong ones."""
+    """A hand-driven DERP connection: we choose every byte, including the wrong ones.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    The upgrade, the ServerKey and the ClientInfo are the client core's
+    (``ClientConnection``), so these tests exercise the server against the bytes a real
+    client sends; but nothing goes out unless the test asks. ``open`` stops at the
+    ServerKey with the core's sealed ClientInfo held back: ``hello()`` sends it, ``send()``
+    sends anything else (garbage instead of a ClientInfo, malformed frames). What the core
+    queues in reply to the server (a Pong when ``info.can_ack_pings``) is dropped, so a
+    RawConn is the client that promised and stays silent; use DerpClient for one that
+    answers.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: ClientConnection) -> None:
         self.reader = reader
         self.writer = writer
-        self.frames = F.FrameReader()
-        self.server_key: NodePublic | None = None
+        self.conn = conn
+        #: The HTTP response head before the DERP bytes; b"" when fast start skipped it.
         self.head = b""
+        self._hello = b""
+
+    @property
+    def server_key(self) -> NodePublic | None:
+        return self.conn.server_key
+
+    @property
+    def private_key(self) -> NodePrivate:
+        return self.conn.private_key
 
     @classmethod
-    async def open(cls, port: int, *, upgrade: bool = True, fast_start: bool = False) -> RawConn:
+    async def open(
+        cls,
+        port: int,
+        *,
+        upgrade: bool = True,
+        server_key: NodePublic | None = None,
+        private_key: NodePrivate | None = None,
+        info: ClientInfo | None = None,
+    ) -> RawConn:
+        """Connect and (unless ``upgrade=False``) upgrade and read the ServerKey.
+
+        With ``server_key`` the upgrade is a fast start: request and ClientInfo go in one
+        write (the core's rule), so the hello is already sent when this returns.
+        """
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        c = cls(r, w)
-        if upgrade:
-            w.write(U.build_request(f"127.0.0.1:{port}", fast_start=fast_start))
-            if not fast_start:
-                buf = b""
-                while (parts := U.split_head(buf)) is None:
-                    data = await asyncio.wait_for(r.read(4096), 5)
-                    assert data, "server closed during upgrade"
-                    buf += data
-                c.head, rest = parts
-                frames = c.frames.feed(rest)
-            else:
-                frames = []
-            while not frames:
-                data = await asyncio.wait_for(r.read(4096), 5)
-                assert data, "server closed before ServerKey"
-                frames = c.frames.feed(data)
-            c.server_key = NodePublic(F.decode_server_key(*frames[0]).key)
+        core = ClientConnection(
+            private_key or NodePrivate.generate(),
+            info=info,
+            host=f"127.0.0.1:{port}",
+            server_key=server_key,
+            read_timeout=None,
+        )
+        c = cls(r, w, core)
+        if not upgrade:
+            return c
+        core.start(_clock())
+        w.write(core.data_to_send())
+        got_key = False
+        while not got_key:
+            data = await asyncio.wait_for(r.read(4096), 5)
+            if not c.head and core.state in _BEFORE_FRAMES and data.startswith(b"HTTP/"):
+                # Recorded for assertions only (did fast start skip the 101?); the core
+                # is what reads and checks the response.
+                end = data.find(b"\r\n\r\n")
+                c.head = data if end < 0 else data[:end]
+            for ev in c._feed(data):
+                assert not isinstance(ev, ConnectionFailed), f"upgrade failed: {ev.error}"
+                got_key = got_key or isinstance(ev, ServerKeyReceived)
+        c._hello = core.data_to_send()  # ClientInfo, held until hello()
         return c
 
+    def _feed(self, data: bytes) -> list[Event]:
+        now = _clock()
+        events = self.conn.receive_data(data, now) if data else self.conn.connection_lost(now)
+        return events
+
+    def hello(self) -> None:
+        """Send the ClientInfo the core sealed for the server's key (``open``'s ``info``)."""
+        assert self._hello, "no ClientInfo held (fast start sent it already, or hello() twice)"
+        self.writer.write(self._hello)
+        self._hello = b""
+
     def send(self, data: bytes) -> None:
-        self.writer.write(data)
+        """Exactly these bytes, through the core's ``send_raw``: right or wrong."""
+        self.conn.data_to_send()  # replies the core queued are not sent (see the class doc)
+        self.conn.send_raw(data)
+        self.writer.write(self.conn.data_to_send())
+
+    async def read_events(self, timeout: float = 5.0) -> list[Event]:
+        """What the next read from the server meant, decoded by the core (EOF included)."""
+        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        events = self._feed(data)
+        self.conn.data_to_send()  # silent by design: drop the core's Pongs
+        return events
 
     async def closed_by_server(self, timeout: float = 5.0) -> bool:
         """True once the server closes the connection (reads to EOF within the timeout)."""
@@ -63,6 +124,13 @@ class RawConn:
 
     def close(self) -> None:
         self.writer.close()
+
+
+_BEFORE_FRAMES = (ClientState.AWAIT_RESPONSE, ClientState.AWAIT_FIRST_BYTES)
+
+
+def _clock() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def free_ports(n: int) -> list[int]:

@@ -10,19 +10,18 @@ import pytest
 
 from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
+from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.constants import FrameType
-from derpkit.protocol.handshake import ClientInfo, client_info_frame, seal
+from derpkit.protocol.handshake import ClientInfo, seal
 from derpkit.protocol.keys import NodePrivate
 
 from .helpers import RawConn, exchange, recv_packet, running_node
 
 
 async def _handshaken_raw(port: int, **info: object) -> tuple[RawConn, NodePrivate]:
-    raw = await RawConn.open(port)
-    key = NodePrivate.generate()
-    assert raw.server_key is not None
-    raw.send(client_info_frame(key, raw.server_key, ClientInfo(**info)))  # type: ignore[arg-type]
-    return raw, key
+    raw = await RawConn.open(port, info=ClientInfo(**info))  # type: ignore[arg-type]
+    raw.hello()
+    return raw, raw.private_key
 
 
 def _garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
@@ -79,7 +78,7 @@ async def test_garbage_closes_only_that_connection(case: str) -> None:
         assert raw.server_key is not None
         payload, needs_hello = _garbage_cases(raw.server_key.raw)[case]
         if needs_hello:
-            raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo()))
+            raw.hello()
             await asyncio.sleep(0.05)
         raw.send(payload)
         await exchange(a, b, 2)  # traffic flows while the bad one is being dropped
@@ -132,11 +131,11 @@ async def test_slow_reader_is_cut_off_alone() -> None:
         sock.connect(("127.0.0.1", node.port))
         sock.setblocking(False)
         r, w = await asyncio.open_connection(sock=sock)
-        from derpkit.protocol import upgrade as U
-
-        w.write(U.build_request("x", fast_start=True))
         slow_key = NodePrivate.generate()
-        w.write(client_info_frame(slow_key, node.public_key, ClientInfo()))
+        # Fast start: the client core writes the request and ClientInfo at once.
+        core = ClientConnection(slow_key, host="x", server_key=node.public_key, read_timeout=None)
+        core.start(0.0)
+        w.write(core.data_to_send())
         await asyncio.sleep(0.1)
         blob = os.urandom(60_000)
         loop = asyncio.get_running_loop()

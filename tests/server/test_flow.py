@@ -9,8 +9,6 @@ import pytest
 
 from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
-from derpkit.protocol.handshake import ClientInfo, client_info_frame
-from derpkit.protocol.keys import NodePrivate
 from derpkit.server import conn as conn_mod
 
 from .helpers import RawConn, running_node
@@ -24,8 +22,7 @@ uvloop = pytest.importorskip("uvloop")
 
 async def _flood_delivered(node_port: int, receiver: DerpClient, size: int) -> int:
     raw = await RawConn.open(node_port)
-    assert raw.server_key is not None
-    raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo()))
+    raw.hello()
     frame = F.SendPacket(receiver.public_key.raw, os.urandom(size)).encode()
     raw.send(frame * COUNT)  # megabytes in one write: the kernel hands them over in big reads
     got = 0

@@ -83,10 +83,7 @@ async def test_forward_packet_needs_the_mesh_key() -> None:
         assert node.server.stats.packets_forwarded_in == 1
         assert node.server.stats.packets_received == 0  # forwarded packets are not "received"
         raw = await RawConn.open(node.port)
-        from derpkit.protocol.handshake import ClientInfo, client_info_frame
-
-        assert raw.server_key is not None
-        raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo()))
+        raw.hello()
         raw.send(F.ForwardPacket(src.raw, target.public_key.raw, b"sneaky").encode())
         assert await raw.closed_by_server()
         assert await nothing_arrives(target, F.RecvPacket)

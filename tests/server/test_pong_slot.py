@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from derpkit.protocol import frames as F
-from derpkit.protocol.handshake import ClientInfo, client_info_frame
-from derpkit.protocol.keys import NodePrivate
+from derpkit.protocol.events import ConnectionFailed
 from tests.goderper import start_derper
 
 from .helpers import RawConn, running_node
@@ -30,9 +29,9 @@ async def _read_pongs(raw: RawConn, within: float) -> list[bytes]:
     try:
         async with asyncio.timeout(within):
             while True:
-                data = await raw.reader.read(4096)
-                assert data, "server closed the connection"
-                pongs += [p for t, p in raw.frames.feed(data) if t == F.FrameType.PONG]
+                events = await raw.read_events(within)
+                assert not any(isinstance(e, ConnectionFailed) for e in events), events
+                pongs += [e.data for e in events if isinstance(e, F.Pong)]
     except TimeoutError:
         pass
     return pongs
@@ -41,8 +40,7 @@ async def _read_pongs(raw: RawConn, within: float) -> list[bytes]:
 async def _burst(port: int) -> tuple[list[bytes], list[bytes]]:
     """Five Pings in one write, then (after the answers) one more Ping."""
     raw = await RawConn.open(port)
-    assert raw.server_key is not None
-    raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo()))
+    raw.hello()
     await asyncio.sleep(0.05)
     raw.send(b"".join(F.Ping(b"ping-%03d" % i).encode() for i in range(5)))
     first = await _read_pongs(raw, 0.5)

@@ -124,13 +124,12 @@ async def test_server_pings_silent_clients_and_closes_dead_ones() -> None:
         # This client promised to answer pings and does (DerpClient auto-answers).
         alive = await DerpClient.connect(node.url, can_ack_pings=True)
         # This one promised but will not answer: a raw connection that stops reading.
+        from derpkit.protocol.handshake import ClientInfo
+
         from .helpers import RawConn
 
-        raw = await RawConn.open(node.port)
-        from derpkit.protocol.handshake import ClientInfo, client_info_frame
-
-        assert raw.server_key is not None
-        raw.send(client_info_frame(NodePrivate.generate(), raw.server_key, ClientInfo(can_ack_pings=True)))
+        raw = await RawConn.open(node.port, info=ClientInfo(can_ack_pings=True))
+        raw.hello()
         ping = await recv_kind(alive, F.Ping, timeout=2)
         assert len(ping.data) == 8
         assert await raw.closed_by_server(timeout=3)
@@ -201,9 +200,10 @@ async def test_fast_start_skips_the_101() -> None:
     async with running_node() as node:
         from .helpers import RawConn
 
-        raw = await RawConn.open(node.port, fast_start=True)
+        # The core checks the ServerKey the server still sends against the one given.
+        raw = await RawConn.open(node.port, server_key=node.public_key)
+        assert raw.conn.fast_start and raw.conn.server_key_received
         assert raw.head == b""  # no HTTP response at all
-        assert raw.server_key == node.public_key
         c = await DerpClient.connect(node.url, server_key=node.public_key)
         other = await DerpClient.connect(node.url)
         await exchange(c, other, 1)
@@ -583,25 +583,24 @@ async def test_a_packet_batched_for_a_client_aborted_in_the_same_turn_is_gone_di
     """
     import time
 
-    from derpkit.protocol.handshake import ClientInfo, client_info_frame
+    from derpkit.protocol.events import ConnectionFailed
+    from derpkit.protocol.handshake import ClientInfo
 
     from .helpers import RawConn
 
     async with running_node(keepalive_interval=1.0, keepalive_jitter=0.0) as node:
         b_key = NodePrivate.generate()
-        b = await RawConn.open(node.port)
-        assert b.server_key is not None
-        b.send(client_info_frame(b_key, b.server_key, ClientInfo(can_ack_pings=True)))
+        b = await RawConn.open(node.port, private_key=b_key, info=ClientInfo(can_ack_pings=True))
+        b.hello()
         a = await RawConn.open(node.port)
-        assert a.server_key is not None
-        a.send(client_info_frame(NodePrivate.generate(), a.server_key, ClientInfo()))
-        # B never answers; wait for the server's liveness Ping at the first tick.
+        a.hello()
+        # B never answers (RawConn drops the core's Pongs); wait for the liveness Ping.
         async with asyncio.timeout(5):
             pinged = False
             while not pinged:
-                data = await b.reader.read(4096)
-                assert data
-                pinged = any(t == F.FrameType.PING for t, _ in b.frames.feed(data))
+                events = await b.read_events()
+                assert not any(isinstance(e, ConnectionFailed) for e in events), events
+                pinged = any(isinstance(e, F.Ping) for e in events)
         a.send(F.SendPacket(b_key.public().raw, b"caught in the batch").encode())
         time.sleep(1.2)  # noqa: ASYNC251 - block the loop on purpose (see docstring)
         async with asyncio.timeout(5):
