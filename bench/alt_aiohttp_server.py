@@ -47,9 +47,9 @@ import derpkit.server.node as node_mod
 from derpkit.cli import main as derpkit_main
 from derpkit.protocol import upgrade
 from derpkit.protocol.constants import DERP_PUBLIC_KEY_HEADER, DERP_VERSION_HEADER, PROTOCOL_VERSION
-from derpkit.server.conn import ClientConn
-from derpkit.server.derp import DerpServer
-from derpkit.server.frontdoor import FrontDoor
+from derpkit.server.frontdoor.head import FrontDoor
+from derpkit.server.relay.conn import ClientConn
+from derpkit.server.relay.derp import DerpServer
 
 READ_LIMIT = 2**16  # aiohttp's default read_bufsize for request bodies
 

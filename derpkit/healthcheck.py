@@ -33,8 +33,8 @@ import ssl
 import sys
 from collections.abc import Sequence
 
-from derpkit.server.certs import manual_paths, parse_ip
 from derpkit.server.config import ConfigError, ServeConfig, parse_config
+from derpkit.server.tls.certs import manual_paths, parse_ip
 
 
 class CheckFailed(Exception):

@@ -18,11 +18,13 @@ from collections.abc import Sequence
 
 from derpkit import __version__
 from derpkit.protocol.keys import KeyError_, MeshKey, NodePrivate
+from derpkit.server.admission import setec, verify
+from derpkit.server.frontdoor import limits
+from derpkit.server.frontdoor.bootstrap_dns import BootstrapDNS
+from derpkit.server.frontdoor.http import HttpOptions
 
-from . import keyfile, limits, setec, verify
-from .bootstrap_dns import BootstrapDNS
+from . import keyfile
 from .config import ConfigError, ServeConfig, parse_config
-from .http import HttpOptions
 from .node import DerpNode, NodeOptions
 
 log = logging.getLogger("derpkit.serve")
@@ -149,7 +151,7 @@ def build_node(
     extra_metrics = []
     provider = None
     if cfg.tls_enabled:
-        from .certs import CertProviderError, build_cert_provider
+        from derpkit.server.tls.certs import CertProviderError, build_cert_provider
 
         # derper logs this line before it builds the provider, so a refusal follows it.
         log.info("derper: serving on %s with TLS", cfg.addr)

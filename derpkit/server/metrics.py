@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from derpkit.protocol.constants import DropReason
 
 if TYPE_CHECKING:
-    from .derp import DerpServer
+    from derpkit.server.relay.derp import DerpServer
 
 KINDS = ("disco", "other")
 

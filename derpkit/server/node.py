@@ -18,11 +18,11 @@ from typing import Any
 from aiohttp import web
 
 from derpkit.protocol.keys import MeshKey, NodePrivate
+from derpkit.server.frontdoor.head import FrontDoor
+from derpkit.server.frontdoor.http import ACE, HttpOptions, build_app
+from derpkit.server.relay.derp import AdmitFn, DerpServer
 
 from . import metrics
-from .derp import AdmitFn, DerpServer
-from .frontdoor import FrontDoor
-from .http import ACE, HttpOptions, build_app
 
 log = logging.getLogger("derpkit.server")
 
@@ -170,7 +170,7 @@ class DerpNode:
         listen_factory: Any = door
         listen_ssl = o.ssl_context
         if gate_tls:
-            from .limits import pre_tls_factory
+            from derpkit.server.frontdoor.limits import pre_tls_factory
 
             assert o.ssl_context is not None and o.on_connect is not None
             listen_factory = pre_tls_factory(door, o.ssl_context, o.on_connect)
@@ -197,7 +197,7 @@ class DerpNode:
         for svc in o.services:
             await svc.start()
         if o.mesh_with:
-            from .mesh import MeshLink
+            from derpkit.server.relay.mesh import MeshLink
 
             for host_name, dial in o.mesh_with:
                 link = MeshLink(self.server, host_name, dial, scheme=o.mesh_scheme, insecure_tls=o.mesh_insecure_tls)
@@ -205,7 +205,7 @@ class DerpNode:
                 link.start()
 
     async def _start_port80(self, main_app: web.Application, host: str | None) -> None:
-        from .port80 import build_port80_app, connect_answer
+        from derpkit.server.frontdoor.port80 import build_port80_app, connect_answer
 
         assert self.opts.http_port is not None
         self.port80_runner = web.AppRunner(

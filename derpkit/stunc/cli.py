@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from derpkit.server.goflag import parse_duration_seconds
+from derpkit.gosyntax import parse_duration_seconds
 from derpkit.stun.client import (
     DEFAULT_PORT,
     StunClientError,

@@ -10,8 +10,8 @@ import pytest
 
 from derpkit.client.tls import meta_cert_server_key
 from derpkit.protocol.keys import NodePrivate
-from derpkit.server import certs
 from derpkit.server.node import DerpNode, NodeOptions
+from derpkit.server.tls import certs
 
 
 async def _ssl_object(port: int, max_version: ssl.TLSVersion | None = None) -> tuple[object, asyncio.StreamWriter]:

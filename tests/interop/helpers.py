@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from derpkit.server.mesh import MeshLink
 from derpkit.server.node import DerpNode
+from derpkit.server.relay.mesh import MeshLink
 from tests.server.helpers import deliver_eventually, recv_kind, recv_packet
 
 from .pki import TestCA

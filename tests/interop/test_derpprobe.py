@@ -147,7 +147,7 @@ async def test_go_client_reads_our_meta_certificate_and_uses_fast_start(tmp_path
     and sends ``Derp-Fast-Start: 1``; our front door counts those upgrades, so this shows a
     real Go client both accepting the pin and reading the server key from our chain.
     """
-    from derpkit.server import certs
+    from derpkit.server.tls import certs
 
     derpprobe = require_go_tool("derpprobe")
     provider = certs.ManualCertProvider(str(tmp_path / "certs"), "127.0.0.1", poll_interval=0)

@@ -17,8 +17,8 @@ from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
 from derpkit.protocol.constants import PeerGoneReason
 from derpkit.protocol.keys import MeshKey
-from derpkit.server.mesh import MeshLink
 from derpkit.server.node import DerpNode, NodeOptions
+from derpkit.server.relay.mesh import MeshLink
 from tests.goderper import GoDerper, start_derper
 
 from .helpers import deliver_eventually, recv_kind, recv_packet, tls_varz

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from derpkit.server import ace
+from derpkit.server.frontdoor import ace
 from tests.goderper import require_netns
 from tests.server.serve_proc import ServeProc, start_serve
 

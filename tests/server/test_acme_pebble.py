@@ -26,9 +26,9 @@ from cryptography import x509
 
 from derpkit.client import DerpClient
 from derpkit.protocol.keys import NodePrivate
-from derpkit.server import certs
 from derpkit.server.config import ServeConfig
 from derpkit.server.node import DerpNode, NodeOptions
+from derpkit.server.tls import certs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")
 

@@ -25,8 +25,13 @@ from aiohttp import web
 
 from derpkit.client import DerpClient, DerpConnectionError
 from derpkit.protocol.keys import NodePrivate
-from derpkit.server import verify
-from derpkit.server.verify import Admission, AdmissionController, AllowedKeys, LocalTailscaled
+from derpkit.server.admission import verify
+from derpkit.server.admission.verify import (
+    Admission,
+    AdmissionController,
+    AllowedKeys,
+    LocalTailscaled,
+)
 
 from .helpers import exchange, running_node
 
@@ -197,7 +202,7 @@ async def test_mesh_peers_skip_admission() -> None:
 async def test_debug_check_asks_tailscaled_about_its_own_key() -> None:
     import aiohttp
 
-    from derpkit.server.http import HttpOptions
+    from derpkit.server.frontdoor.http import HttpOptions
 
     async with LocalAPIStandIn() as ts:
         adm = Admission(tailscaled=LocalTailscaled(ts.path))
@@ -388,7 +393,7 @@ async def test_real_tailscaled_rejects_unknown_key_like_go_derper(tailscaled: st
     """A logged-out tailscaled knows no node: both derpkit and Go derper must refuse."""
     import aiohttp
 
-    from derpkit.server.http import HttpOptions
+    from derpkit.server.frontdoor.http import HttpOptions
     from tests.goderper import start_derper
 
     caplog.set_level(logging.INFO)

@@ -14,8 +14,8 @@ import struct
 import aiohttp
 import pytest
 
-from derpkit.server import bootstrap_dns as B
-from derpkit.server.http import BROWSER_HEADERS, HttpOptions
+from derpkit.server.frontdoor import bootstrap_dns as B
+from derpkit.server.frontdoor.http import BROWSER_HEADERS, HttpOptions
 from tests.goderper import start_derper
 
 from .helpers import running_node

@@ -28,9 +28,9 @@ from OpenSSL import SSL
 from derpkit.client import DerpClient
 from derpkit.client.errors import DerpCertificateError, DerpConnectionError
 from derpkit.protocol.keys import NodePrivate
-from derpkit.server import certs
 from derpkit.server.config import ServeConfig
 from derpkit.server.node import DerpNode, NodeOptions
+from derpkit.server.tls import certs
 
 from .serve_proc import start_serve
 

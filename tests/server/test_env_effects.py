@@ -29,9 +29,9 @@ from derpkit.client import DerpClient, DerpConnectionError
 from derpkit.protocol import upgrade as U
 from derpkit.protocol.handshake import ClientInfo, client_info_frame
 from derpkit.protocol.keys import NodePrivate
-from derpkit.server import certs
 from derpkit.server.app import build_node
 from derpkit.server.config import parse_config
+from derpkit.server.tls import certs
 from derpkit.stun.client import StunTimeout, StunUnreachable, query
 
 from .helpers import deliver_eventually, free_ports, recv_packet

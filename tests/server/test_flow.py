@@ -9,7 +9,7 @@ import pytest
 
 from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
-from derpkit.server import conn as conn_mod
+from derpkit.server.relay import conn as conn_mod
 
 from .helpers import RawConn, running_node
 

@@ -9,9 +9,9 @@ import pytest
 
 from derpkit import healthcheck as hc
 from derpkit.protocol.keys import MeshKey, NodePrivate
-from derpkit.server import certs
 from derpkit.server.config import ServeConfig, parse_config
 from derpkit.server.node import DerpNode, NodeOptions
+from derpkit.server.tls import certs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")
 

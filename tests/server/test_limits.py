@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from derpkit.client import DerpClient
-from derpkit.server.limits import AcceptLimiter, ConnectionControls, tune_socket
+from derpkit.server.frontdoor.limits import AcceptLimiter, ConnectionControls, tune_socket
 from derpkit.server.node import DerpNode, NodeOptions
 
 from .helpers import exchange

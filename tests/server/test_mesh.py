@@ -113,7 +113,7 @@ async def test_close_peer_closes_every_connection_of_the_key() -> None:
 
 async def test_two_meshed_nodes_forward_both_ways_and_share_peer_gone() -> None:
     async with running_node(mesh_key=MESH) as n1, running_node(mesh_key=MESH) as n2:
-        from derpkit.server.mesh import MeshLink
+        from derpkit.server.relay.mesh import MeshLink
 
         links = [
             MeshLink(n1.server, f"127.0.0.1:{n2.port}", scheme="http", retry_interval=0.2),
@@ -143,7 +143,7 @@ async def test_two_meshed_nodes_forward_both_ways_and_share_peer_gone() -> None:
 
 async def test_self_mesh_is_detected() -> None:
     async with running_node(mesh_key=MESH) as node:
-        from derpkit.server.mesh import MeshLink
+        from derpkit.server.relay.mesh import MeshLink
 
         link = MeshLink(node.server, f"127.0.0.1:{node.port}", scheme="http", retry_interval=0.2)
         link.start()

@@ -10,8 +10,8 @@ import pytest
 import yarl
 
 from derpkit.protocol.keys import NodePrivate
-from derpkit.server import certs
 from derpkit.server.node import DerpNode, NodeOptions
+from derpkit.server.tls import certs
 
 from .serve_proc import start_serve
 
@@ -155,7 +155,7 @@ async def test_serve_http_port_busy_is_fatal(tmp_path: Path) -> None:
 async def test_port80_connections_get_the_socket_options(tmp_path: Path) -> None:
     import socket
 
-    from derpkit.server.limits import ConnectionControls
+    from derpkit.server.frontdoor.limits import ConnectionControls
 
     provider = certs.ManualCertProvider(str(tmp_path), "127.0.0.1", poll_interval=0)
     key = NodePrivate.generate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from derpkit.server.registry import ClientSet, ForwarderTable, MultiForwarder
+from derpkit.server.relay.registry import ClientSet, ForwarderTable, MultiForwarder
 
 
 class Conn:

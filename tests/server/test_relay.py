@@ -113,7 +113,7 @@ async def test_keepalives_arrive_on_schedule() -> None:
 
 
 def test_default_keepalive_cadence_is_derpers() -> None:
-    from derpkit.server.derp import DerpServer
+    from derpkit.server.relay.derp import DerpServer
 
     s = DerpServer(NodePrivate.generate())
     assert s.keepalive_interval == 60.0 and s.keepalive_jitter == 5.0

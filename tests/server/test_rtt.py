@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from derpkit.client import DerpClient
-from derpkit.server import rtt as rtt_mod
 from derpkit.server.metrics import tcp_rtt_label
+from derpkit.server.relay import rtt as rtt_mod
 
 from .helpers import running_node
 

@@ -32,9 +32,9 @@ from derpkit.protocol.constants import (
 )
 from derpkit.protocol.handshake import ClientInfo
 from derpkit.protocol.keys import MeshKey, NodePrivate, NodePublic
+from derpkit.server.metrics import Stats
 
 from .conn import ClientConn
-from .metrics import Stats
 from .registry import ClientSet, Forwarder, ForwarderTable
 from .rtt import RttSampler
 

@@ -27,7 +27,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 
-from .frontdoor import PlainConnect
+from .head import PlainConnect
 from .http import debug_allowed, go_error, no_content, no_content_headers, set_server_header
 
 #: (host header, path) -> (status, body) for ACME HTTP-01 paths, or None if not ACME.

@@ -34,8 +34,7 @@ import yarl
 
 from derpkit.protocol.handshake import ClientInfo
 from derpkit.protocol.keys import KeyError_, NodePublic
-
-from . import metrics
+from derpkit.server import metrics
 
 log = logging.getLogger("derpkit.server")
 

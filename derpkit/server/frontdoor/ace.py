@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from typing import Any
 
-from . import metrics
-from .goflag import GoValueError, split_host_port
+from derpkit.gosyntax import GoValueError, split_host_port
+from derpkit.server import metrics
 
 log = logging.getLogger("derpkit.server")
 

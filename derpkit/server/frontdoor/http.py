@@ -25,11 +25,11 @@ from aiohttp import web
 
 from derpkit import __version__
 from derpkit.protocol import upgrade
+from derpkit.server import metrics
+from derpkit.server.relay.derp import DerpServer
+from derpkit.server.relay.websocket import handle_websocket
 
 from . import ace as acemod
-from . import metrics
-from .derp import DerpServer
-from .websocket import handle_websocket
 
 BROWSER_HEADERS = {
     "Strict-Transport-Security": "max-age=63072000; includeSubDomains",

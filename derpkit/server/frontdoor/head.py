@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from derpkit.protocol import upgrade
 from derpkit.protocol.errors import ProtocolError
+from derpkit.server import metrics
+from derpkit.server.relay.conn import ClientConn
 
 from . import ace as acemod
-from . import metrics
-from .conn import ClientConn
 
 if TYPE_CHECKING:
-    from .derp import DerpServer
+    from derpkit.server.relay.derp import DerpServer
 
 log = logging.getLogger("derpkit.server")
 

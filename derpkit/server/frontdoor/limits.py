@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import metrics
+from derpkit.server import metrics
 
 #: Go's keepalive probe interval and count for accepted connections (net.KeepAliveConfig).
 KEEPALIVE_INTERVAL = 15

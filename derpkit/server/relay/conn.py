@@ -37,8 +37,7 @@ from derpkit.protocol.events import (
 )
 from derpkit.protocol.handshake import ClientInfo
 from derpkit.protocol.keys import NodePublic
-
-from .metrics import WRITE_BATCH_SLOTS, tls_version_label
+from derpkit.server.metrics import WRITE_BATCH_SLOTS, tls_version_label
 
 if TYPE_CHECKING:
     from .derp import DerpServer

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from derpkit.server.goflag import (
+from derpkit.gosyntax import (
     GoValueError,
     format_duration,
     format_float,

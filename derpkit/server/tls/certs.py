@@ -45,14 +45,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from derpkit.protocol.constants import PROTOCOL_VERSION
-
-from . import metrics
-from .atomicfile import write_atomic
+from derpkit.server import metrics
+from derpkit.server.atomicfile import write_atomic
 
 if TYPE_CHECKING:
     from derpkit.protocol.keys import NodePublic
-
-    from .config import ServeConfig
+    from derpkit.server.config import ServeConfig
 
 log = logging.getLogger("derpkit.serve")
 
@@ -878,7 +876,7 @@ def local_ip_addresses(listen_host: str) -> list[str]:
 
 def build_cert_provider(cfg: ServeConfig) -> CertProvider:
     """derper's ``certProviderByCertMode`` (spec §2.1). Raises CertProviderError."""
-    from .config import cert_refusal
+    from derpkit.server.config import cert_refusal
 
     reason = cert_refusal(cfg)
     if reason:

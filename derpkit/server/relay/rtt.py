@@ -17,7 +17,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from .metrics import tcp_rtt_label
+from derpkit.server.metrics import tcp_rtt_label
 
 if TYPE_CHECKING:
     from .derp import DerpServer

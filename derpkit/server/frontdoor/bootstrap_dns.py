@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from . import metrics
+from derpkit.server import metrics
 
 log = logging.getLogger("derpkit.server")
 

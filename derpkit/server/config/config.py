@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from derpkit.server.goflag import (
+from derpkit.gosyntax import (
     GoValueError,
     format_duration,
     format_float,
@@ -229,7 +229,7 @@ def _http_port(value: int) -> str | None:
 
 def _setec_url(value: str) -> str | None:
     """derper accepts any string and then retries an unusable URL for ever; refuse it."""
-    from .setec import check_url
+    from derpkit.server.admission.setec import check_url
 
     return check_url(value)
 
