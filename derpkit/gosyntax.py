@@ -1,30 +1,38 @@
-"""Go value syntax for flag values: bools, base-0 ints, floats, durations, host:port.
+"""Go's value syntax, in one place: bools, base-0 ints, floats, durations, host:port, %q, flags.
 
 ``derpkit serve`` must accept every value Go's ``derper`` accepts and refuse what it refuses,
-because operators paste command lines and Docker env values straight from derper setups.
+because operators paste command lines and Docker env values straight from derper setups; the
+tools next to it (stunc, healthcheck, the benchmark generator) mirror Go programs too.
 Python's ``int(x, 0)``, ``float()`` and friends disagree with Go at the edges (``010`` is octal
 in Go and an error in Python; Python's ``float`` takes ``" 1 "`` and ``"+nan"``, Go does not),
 so each parser here follows Go's grammar, written out from the language spec and observed
 behaviour rather than trusting a Python look-alike.
 
 Every parser raises :class:`GoValueError` whose ``reason`` is a short human explanation used
-after ``invalid value "v" for flag -name:``.
+after ``invalid value "v" for flag -name:``. Nothing here knows derpkit's settings: the
+server's flag table lives in ``derpkit.server.config``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
 
 __all__ = [
+    "FlagError",
+    "FlagHelp",
     "GoValueError",
+    "flag_value_error",
     "format_duration",
     "format_float",
+    "go_quote",
     "parse_bool",
     "parse_duration",
     "parse_duration_seconds",
     "parse_float",
     "parse_int",
+    "scan_flags",
     "split_host_port",
 ]
 
@@ -362,3 +370,101 @@ def split_host_port(hostport: str) -> tuple[str, str]:
     if "]" in hostport[k:]:
         raise fail("unexpected ']' in address")
     return host, hostport[i + 1 :]
+
+
+# --- %q ---------------------------------------------------------------------------------------
+
+_NAMED_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def go_quote(s: str) -> str:
+    """Go's ``%q`` (``strconv.Quote``) for text: printable runes kept, the rest escaped.
+
+    derper quotes operator input in its errors and logs with ``%q``; quoting it the same way
+    keeps derpkit's lines greppable next to derper's. Escapes follow Go: ``\\a\\b\\f\\n\\r\\t\\v``
+    by name, other ASCII controls as ``\\xNN``, other non-printables as ``\\uNNNN``/``\\UNNNNNNNN``.
+    """
+    out = ['"']
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        elif ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+    out.append('"')
+    return "".join(out)
+
+
+# --- the flag loop ----------------------------------------------------------------------------
+
+
+class FlagError(Exception):
+    """A command line Go's ``flag`` package refuses; ``str()`` is Go's exact line.
+
+    ``flag`` names the offending flag when there is one (``None`` for bad syntax).
+    """
+
+    def __init__(self, message: str, flag: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.flag = flag
+
+
+class FlagHelp(FlagError):
+    """``-h`` or ``-help`` was given and no flag of that name is defined (Go's ``ErrHelp``)."""
+
+
+def scan_flags(
+    argv: Sequence[str], is_bool: Callable[[str], bool | None], rest: list[str]
+) -> Iterator[tuple[str, str, bool]]:
+    """Go's ``FlagSet.Parse`` loop, value-agnostic: yields ``(name, text, is_bool)`` in order.
+
+    ``is_bool(name)`` says whether a flag is defined (``None`` when not) and whether it is a
+    bool flag (which takes ``-b`` alone or ``-b=v``, never the next argument). A bool flag
+    given alone yields the text ``"true"``. The caller parses each text as it is yielded, so
+    a bad value is reported before a later syntax error, as Go does; use
+    :func:`flag_value_error` for Go's wording. Scanning stops at the first non-flag or after
+    ``--``; what is left is put in ``rest``.
+    """
+    args = list(argv)
+    try:
+        while args:
+            s = args[0]
+            if len(s) < 2 or s[0] != "-":
+                break
+            minuses = 2 if s[1] == "-" else 1
+            if minuses == 2 and len(s) == 2:
+                args.pop(0)
+                break
+            name = s[minuses:]
+            if not name or name[0] in "-=":
+                raise FlagError(f"bad flag syntax: {s}")
+            args.pop(0)
+            name, has_value, value = name.partition("=")
+            kind = is_bool(name)
+            if kind is None:
+                if name in ("h", "help"):
+                    raise FlagHelp("flag: help requested", name)
+                raise FlagError(f"flag provided but not defined: -{name}", name)
+            if kind:
+                yield name, (value if has_value else "true"), True
+                continue
+            if not has_value:
+                if not args:
+                    raise FlagError(f"flag needs an argument: -{name}", name)
+                value = args.pop(0)
+            yield name, value, False
+    finally:
+        rest[:] = args
+
+
+def flag_value_error(name: str, text: str, reason: str, *, is_bool: bool) -> FlagError:
+    """Go's line for a flag value its parser refused (bool flags have their own wording)."""
+    if is_bool:
+        return FlagError(f"invalid boolean value {go_quote(text)} for -{name}: {reason}", name)
+    return FlagError(f"invalid value {go_quote(text)} for flag -{name}: {reason}", name)

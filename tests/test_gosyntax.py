@@ -13,14 +13,19 @@ import math
 import pytest
 
 from derpkit.gosyntax import (
+    FlagError,
+    FlagHelp,
     GoValueError,
+    flag_value_error,
     format_duration,
     format_float,
+    go_quote,
     parse_bool,
     parse_duration,
     parse_duration_seconds,
     parse_float,
     parse_int,
+    scan_flags,
     split_host_port,
 )
 
@@ -308,3 +313,65 @@ def test_format_duration_like_go(ns: int, text: str) -> None:
 )
 def test_format_float_like_go(x: float, text: str) -> None:
     assert format_float(x) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "quoted"),
+    [
+        # fmt.Sprintf("%q", text) in Go 1.26
+        ('a"b\\c', '"a\\"b\\\\c"'),
+        ("\u00e9\x01", '"\u00e9\\x01"'),
+        ("\a\b\f\n\r\t\v", '"\\a\\b\\f\\n\\r\\t\\v"'),
+        ("\x7f\u00a0\u2028", '"\\x7f\\u00a0\\u2028"'),
+        ("\U0001f600", '"\U0001f600"'),
+        ("", '""'),
+    ],
+)
+def test_go_quote_like_go(text: str, quoted: str) -> None:
+    assert go_quote(text) == quoted
+
+
+FLAGS = {"v": True, "n": False}
+
+
+def scan(argv: list[str]) -> tuple[list[tuple[str, str, bool]], list[str]]:
+    rest: list[str] = []
+    got = list(scan_flags(argv, FLAGS.get, rest))
+    return got, rest
+
+
+def test_scan_flags_follows_go_flag() -> None:
+    assert scan(["-v", "--n", "3", "-n=4", "-v=false", "x", "-n", "5"]) == (
+        [("v", "true", True), ("n", "3", False), ("n", "4", False), ("v", "false", True)],
+        ["x", "-n", "5"],
+    )
+    assert scan(["-n", "-v", "--", "-v"]) == ([("n", "-v", False)], ["-v"])
+    assert scan(["-", "-v"]) == ([], ["-", "-v"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "flag"),
+    [
+        (["-=x"], "bad flag syntax: -=x", None),
+        (["---v"], "bad flag syntax: ---v", None),
+        (["-q"], "flag provided but not defined: -q", "q"),
+        (["-n"], "flag needs an argument: -n", "n"),
+    ],
+)
+def test_scan_flags_errors_are_gos(argv: list[str], message: str, flag: str | None) -> None:
+    with pytest.raises(FlagError) as e:
+        scan(argv)
+    assert (str(e.value), e.value.flag) == (message, flag)
+    assert not isinstance(e.value, FlagHelp)
+
+
+def test_scan_flags_help_only_when_undefined() -> None:
+    with pytest.raises(FlagHelp):
+        scan(["-help"])
+    rest: list[str] = []
+    assert list(scan_flags(["-h"], {"h": True}.get, rest)) == [("h", "true", True)]
+
+
+def test_flag_value_error_wording() -> None:
+    assert str(flag_value_error("v", "x", "bad", is_bool=True)) == 'invalid boolean value "x" for -v: bad'
+    assert str(flag_value_error("n", "x", "bad", is_bool=False)) == 'invalid value "x" for flag -n: bad'

@@ -128,11 +128,6 @@ def test_go_error_bytes() -> None:
     assert b"Connection" not in ace.go_error(404, "x", http10=True, close=True)
 
 
-def test_go_quote() -> None:
-    assert ace.go_quote('a"b\\c') == '"a\\"b\\\\c"'
-    assert ace.go_quote("\u00e9\x01") == '"\u00e9\\x01"'
-
-
 # ---------------------------------------------------------------- over real sockets
 
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import aiohttp
 
+from derpkit.gosyntax import go_quote
 from derpkit.server.atomicfile import write_atomic
-from derpkit.server.frontdoor.ace import go_quote
 
 log = logging.getLogger("derpkit.serve")
 

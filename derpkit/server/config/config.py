@@ -30,13 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from derpkit.gosyntax import (
+    FlagError,
+    FlagHelp,
     GoValueError,
+    flag_value_error,
     format_duration,
     format_float,
+    go_quote,
     parse_bool,
     parse_duration,
     parse_float,
     parse_int,
+    scan_flags,
     split_host_port,
 )
 
@@ -707,12 +712,12 @@ def _resolve_port(port: str) -> int:
     except OSError:
         if port in _WELL_KNOWN_PORTS:
             return _WELL_KNOWN_PORTS[port]
-        raise GoValueError(f"unknown port {_go_quote(port)}") from None
+        raise GoValueError(f"unknown port {go_quote(port)}") from None
 
 
 def _too_many_components(entry: str, origins: Mapping[str, str]) -> str:
     return (
-        f"derpkit: too many components in host tuple {_go_quote(entry)} "
+        f"derpkit: too many components in host tuple {go_quote(entry)} "
         f"(use host or host/dialhost){_origin_suffix(origins, 'mesh_with')}"
     )
 
@@ -724,80 +729,25 @@ def _parse_argv(
     argv: Sequence[str], environ: Mapping[str, str]
 ) -> tuple[dict[str, Any], list[str]]:
     """Go ``flag`` rules: returns {attr: value} for flags given, and the ignored leftovers."""
-    given: dict[str, Any] = {}
-    args = list(argv)
-    while args:
-        s = args[0]
-        if len(s) < 2 or s[0] != "-":
-            break
-        minuses = 2 if s[1] == "-" else 1
-        if minuses == 2 and len(s) == 2:
-            args.pop(0)
-            break
-        name = s[minuses:]
-        if not name or name[0] in "-=":
-            raise ConfigError(f"bad flag syntax: {s}", usage=usage(environ))
-        args.pop(0)
-        name, has_value, value = name.partition("=")
+
+    def is_bool(name: str) -> bool | None:
         setting = BY_FLAG.get(name)
-        if setting is None:
-            if name in ("h", "help"):
-                raise HelpRequested(usage(environ))
-            raise ConfigError(
-                f"flag provided but not defined: -{name}", usage=usage(environ), flag=name
-            )
-        if setting.kind == "bool":
-            text = value if has_value else "true"
+        return None if setting is None else setting.kind == "bool"
+
+    given: dict[str, Any] = {}
+    rest: list[str] = []
+    try:
+        for name, text, bool_flag in scan_flags(argv, is_bool, rest):
+            setting = BY_FLAG[name]
             try:
                 given[setting.attr] = setting.parse(text)
             except GoValueError as e:
-                raise ConfigError(
-                    f"invalid boolean value {_go_quote(text)} for -{name}: {e.reason}",
-                    usage=usage(environ),
-                    flag=name,
-                ) from None
-            continue
-        if not has_value:
-            if not args:
-                raise ConfigError(
-                    f"flag needs an argument: -{name}", usage=usage(environ), flag=name
-                )
-            value = args.pop(0)
-        try:
-            given[setting.attr] = setting.parse(value)
-        except GoValueError as e:
-            raise ConfigError(
-                f"invalid value {_go_quote(value)} for flag -{name}: {e.reason}",
-                usage=usage(environ),
-                flag=name,
-            ) from None
-    return given, args
-
-
-def _go_quote(s: str) -> str:
-    """Go's ``%q`` for the common cases (double quotes, backslash escapes)."""
-    out = []
-    for ch in s:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif not ch.isprintable():
-            code = ord(ch)
-            out.append(
-                f"\\x{code:02x}"
-                if code < 0x80
-                else f"\\u{code:04x}"
-                if code < 0x10000
-                else f"\\U{code:08x}"
-            )
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+                raise flag_value_error(name, text, e.reason, is_bool=bool_flag) from None
+    except FlagHelp:
+        raise HelpRequested(usage(environ)) from None
+    except FlagError as e:
+        raise ConfigError(e.message, usage=usage(environ), flag=e.flag) from None
+    return given, rest
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -828,7 +778,7 @@ def _apply_env(
             values[setting.attr] = setting.parse(text)
         except GoValueError as e:
             raise ConfigError(
-                f"derpkit: invalid value {_go_quote(_shown(setting, text))} for "
+                f"derpkit: invalid value {go_quote(_shown(setting, text))} for "
                 f"-{setting.flag} (from env {name}): {e.reason}",
                 flag=setting.flag,
                 env=name,
@@ -892,7 +842,7 @@ def _cert_refusal(cfg: ServeConfig) -> tuple[str, tuple[str, ...]] | None:
         return "missing required --certdir flag", ("certdir",)
     mode = cfg.certmode
     if mode not in CERT_MODES:
-        return f"unsupport cert mode: {_go_quote(mode)}", ("certmode",)
+        return f"unsupport cert mode: {go_quote(mode)}", ("certmode",)
     if cfg.acme_ip_certs and mode != "letsencrypt":
         return "--acme-ip-certs requires --certmode=letsencrypt", ("acme_ip_certs", "certmode")
     ip_host = _is_ip(cfg.hostname)
@@ -950,7 +900,7 @@ def validate_config(cfg: ServeConfig) -> list[str]:
     home = cfg.home
     if home not in ("", "blank") and not home.lower().startswith(("http://", "https://")):
         raise ConfigError(
-            f'derpkit: unknown --home value {_go_quote(home)} (use "", blank or an '
+            f'derpkit: unknown --home value {go_quote(home)} (use "", blank or an '
             f"http(s):// URL){_origin_suffix(cfg.origins, 'home')}",
             1,
             flag="home",
@@ -972,7 +922,7 @@ def validate_config(cfg: ServeConfig) -> list[str]:
         # (spec §11 Q2: match it, but say so).
         if cfg.certmode not in CERT_MODES:
             notes.append(
-                f"warning: -certmode {_go_quote(cfg.certmode)} is not manual, letsencrypt or "
+                f"warning: -certmode {go_quote(cfg.certmode)} is not manual, letsencrypt or "
                 f"gcp; ignored because {cfg.addr} serves plain HTTP"
             )
     return notes
@@ -1003,7 +953,7 @@ def parse_config(
     notes = _apply_env(values, given, environ, origins)
     if leftovers:
         notes.append(
-            f"warning: ignoring arguments from {_go_quote(leftovers[0])} on: flags stop at the "
+            f"warning: ignoring arguments from {go_quote(leftovers[0])} on: flags stop at the "
             f"first non-flag (a bool is switched off with -name=false, not -name false)"
         )
     cfg = ServeConfig(**values, origins=origins)
@@ -1035,7 +985,7 @@ def usage(environ: Mapping[str, str] | None = None) -> str:
         extra = []
         if not _is_zero(default):
             shown = s.format_value(default)
-            extra.append(f"(default {_go_quote(shown) if s.kind == 'string' else shown})")
+            extra.append(f"(default {go_quote(shown) if s.kind == 'string' else shown})")
         if s.extension:
             extra.append("[derpkit extension]")
         extra.append("[env " + ", ".join(s.all_envs) + "]")

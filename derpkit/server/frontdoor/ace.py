@@ -148,22 +148,6 @@ def request_uri_ok(uri: bytes) -> bool:
     return _escapes_ok(authority, host=True)
 
 
-def go_quote(s: str) -> str:
-    """Go's ``%q`` for the strings we log (printable text kept, the rest escaped)."""
-    out = ['"']
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x80:
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{ord(ch):02x}"))
-        else:
-            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
-
-
 def go_error(status: int, message: str, *, http10: bool = False, close: bool = False) -> bytes:
     """A whole response shaped byte for byte like Go's ``http.Error`` on a net/http server.
 

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from derpkit.gosyntax import go_quote
 from derpkit.protocol import upgrade
 from derpkit.protocol.errors import ProtocolError
 from derpkit.server import metrics
@@ -210,7 +211,7 @@ class FrontDoor(asyncio.Protocol):
         try:
             host, port = acemod.check_target(target)
         except acemod.TargetError as e:
-            log.info("CONNECT target %s not allowed: %s", acemod.go_quote(target), e)
+            log.info("CONNECT target %s not allowed: %s", go_quote(target), e)
             ace.requests["invalid_target"] += 1
             return self._answer(acemod.go_error(403, "Invalid CONNECT target", http10=http10, close=close), close, int(length))
         t.pause_reading()

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from derpkit import __version__
+from derpkit.gosyntax import go_quote
 from derpkit.protocol import upgrade
 from derpkit.server import metrics
 from derpkit.server.relay.derp import DerpServer
@@ -134,7 +135,7 @@ def trusted_cidrs(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netwo
         try:
             out.append(_parse_prefix(entry))
         except ValueError as e:
-            raise ValueError(f"invalid CIDR in TS_DEBUG_TRUSTED_CIDRS: {acemod.go_quote(entry)}: {e}") from None
+            raise ValueError(f"invalid CIDR in TS_DEBUG_TRUSTED_CIDRS: {go_quote(entry)}: {e}") from None
     return tuple(out)
 
 
@@ -144,7 +145,7 @@ def _parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     alone would take a bare address as a /32 or /128, or a zone, where derper stops.)"""
 
     def bad(msg: str) -> ValueError:
-        return ValueError(f"netip.ParsePrefix({acemod.go_quote(text)}): {msg}")
+        return ValueError(f"netip.ParsePrefix({go_quote(text)}): {msg}")
 
     addr_text, slash, bits = text.rpartition("/")
     if not slash:
@@ -156,7 +157,7 @@ def _parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if "%" in addr_text:
         raise bad("IPv6 zones cannot be present in a prefix")
     if not (bits.isascii() and bits.isdigit()) or (len(bits) > 1 and bits[0] == "0"):
-        raise bad("bad bits after slash: " + acemod.go_quote(bits))
+        raise bad("bad bits after slash: " + go_quote(bits))
     if int(bits) > addr.max_prefixlen:
         raise bad("prefix length out of range")
     return ipaddress.ip_network(f"{addr}/{bits}", strict=False)

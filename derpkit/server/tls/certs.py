@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from derpkit.gosyntax import format_duration
 from derpkit.protocol.constants import PROTOCOL_VERSION
 from derpkit.server import metrics
 from derpkit.server.atomicfile import write_atomic
@@ -731,7 +732,7 @@ class AcmeCertProvider(CertProvider):
                 e.next_attempt = time.time() + e.retry_delay
                 log.warning(
                     "derper: acme: getting cert for %s: %s (next attempt in %s)",
-                    e.ident, _acme_err(err), _go_duration(e.retry_delay),
+                    e.ident, _acme_err(err), format_duration(round(e.retry_delay) * 1_000_000_000),
                 )
                 e.retry_delay = min(e.retry_delay * 2, self.max_retry)
                 continue
@@ -835,17 +836,6 @@ def _first_key_block(data: bytes) -> bytes:
 def _acme_err(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     return text.replace("\n", " ")
-
-
-def _go_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    if h:
-        return f"{h}h{m}m{sec}s"
-    if m:
-        return f"{m}m{sec}s"
-    return f"{sec}s"
 
 
 def local_ip_addresses(listen_host: str) -> list[str]:
