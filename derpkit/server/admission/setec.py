@@ -78,7 +78,7 @@ def check_url(url: str) -> str | None:
     """Why ``url`` cannot be a setec server URL, or None.
 
     Go accepts any string here and then retries "unsupported protocol scheme" for ever;
-    derpkit refuses at start instead (config.py uses this for -secrets-url).
+    derpkit refuses at start instead (config/settings.py uses this for -secrets-url).
     """
     if not url:
         return None

@@ -2,6 +2,6 @@
 
 import sys
 
-from .config import main
+from .docs import main
 
 sys.exit(main())
