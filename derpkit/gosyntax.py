@@ -27,11 +27,13 @@ __all__ = [
     "format_duration",
     "format_float",
     "go_quote",
+    "join_host_port",
     "parse_bool",
     "parse_duration",
     "parse_duration_seconds",
     "parse_float",
     "parse_int",
+    "parse_uint",
     "scan_flags",
     "split_host_port",
 ]
@@ -136,6 +138,21 @@ def parse_int(s: str, bits: int = 64) -> int:
     if (neg and n > limit) or (not neg and n >= limit):
         raise GoValueError("value out of range")
     return -n if neg else n
+
+
+def parse_uint(s: str, bits: int = 64) -> int:
+    """Go's ``strconv.ParseUint(s, 10, bits)``: ASCII decimal digits only (no sign, prefix, ``_``).
+
+    Here ``reason`` is strconv's own error text (``invalid syntax``, ``value out of range``),
+    not a human phrase, because Go tools print strconv's error verbatim (stunc:
+    ``invalid port: strconv.ParseUint: parsing "x": invalid syntax``) and so must derpkit's.
+    """
+    if not s or not s.isascii() or not s.isdigit():
+        raise GoValueError("invalid syntax")
+    n = int(s)
+    if n >= 1 << bits:
+        raise GoValueError("value out of range")
+    return n
 
 
 # --- floats -----------------------------------------------------------------------------------
@@ -370,6 +387,15 @@ def split_host_port(hostport: str) -> tuple[str, str]:
     if "]" in hostport[k:]:
         raise fail("unexpected ']' in address")
     return host, hostport[i + 1 :]
+
+
+def join_host_port(host: str, port: int | str) -> str:
+    """Go's ``net.JoinHostPort``: brackets around a host containing ``:`` (IPv6), else none.
+
+    Used wherever derpkit prints or dials ``host:port`` so IPv6 addresses come out as Go
+    prints them (``[::1]:3478``, ``[fe80::1%eth0]:3478``) and URLs stay parseable.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- %q ---------------------------------------------------------------------------------------

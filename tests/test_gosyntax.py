@@ -20,11 +20,13 @@ from derpkit.gosyntax import (
     format_duration,
     format_float,
     go_quote,
+    join_host_port,
     parse_bool,
     parse_duration,
     parse_duration_seconds,
     parse_float,
     parse_int,
+    parse_uint,
     scan_flags,
     split_host_port,
 )
@@ -375,3 +377,32 @@ def test_scan_flags_help_only_when_undefined() -> None:
 def test_flag_value_error_wording() -> None:
     assert str(flag_value_error("v", "x", "bad", is_bool=True)) == 'invalid boolean value "x" for -v: bad'
     assert str(flag_value_error("n", "x", "bad", is_bool=False)) == 'invalid value "x" for flag -n: bad'
+
+
+# Go 1.26: strconv.ParseUint(s, 10, 16) and net.JoinHostPort(h, "3478") over each input.
+UINT16_CASES = [
+    ("0", 0), ("3478", 3478), ("65535", 65535), ("00080", 80),
+    ("65536", "value out of range"), ("99999999999999999999", "value out of range"),
+    ("", "invalid syntax"), ("+1", "invalid syntax"), ("-1", "invalid syntax"),
+    ("0x10", "invalid syntax"), ("1_0", "invalid syntax"), (" 1", "invalid syntax"),
+    ("1 ", "invalid syntax"), ("\u0663", "invalid syntax"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "want"), UINT16_CASES)
+def test_parse_uint_matches_go(text: str, want: int | str) -> None:
+    if isinstance(want, str):
+        with pytest.raises(GoValueError) as exc:
+            parse_uint(text, 16)
+        assert exc.value.reason == want  # strconv's exact error text
+    else:
+        assert parse_uint(text, 16) == want
+
+
+@pytest.mark.parametrize(
+    ("host", "joined"),
+    [("127.0.0.1", "127.0.0.1:3478"), ("::1", "[::1]:3478"), ("fe80::1%eth0", "[fe80::1%eth0]:3478"),
+     ("example.com", "example.com:3478"), ("", ":3478"), ("[::1]", "[[::1]]:3478")],
+)  # fmt: skip
+def test_join_host_port_matches_go(host: str, joined: str) -> None:
+    assert join_host_port(host, "3478") == join_host_port(host, 3478) == joined
