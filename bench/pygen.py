@@ -24,6 +24,7 @@ import time
 from collections import Counter
 
 from derpkit.client import DerpClient
+from derpkit.gosyntax import parse_duration_seconds
 from derpkit.protocol import handshake
 from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.events import ConnectionFailed
@@ -45,10 +46,9 @@ def cpu_seconds() -> float:
 
 
 def duration(text: str) -> float:
-    for suffix, mul in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * mul
-    return float(text)
+    """A ``-duration``/``-drain`` value in Go syntax (``5s``, ``1.0s``, ``500ms``), as derpgen's
+    Go ``flag.Duration`` reads it, so both generators take the same command lines."""
+    return parse_duration_seconds(text)
 
 
 async def flood(a: argparse.Namespace) -> dict:

@@ -33,6 +33,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 
+from derpkit.gosyntax import join_host_port
 from derpkit.server.config import ConfigError, ServeConfig, parse_config
 from derpkit.server.tls.certs import manual_paths, parse_ip
 
@@ -89,21 +90,20 @@ async def check_derp(cfg: ServeConfig, timeout: float) -> str:
     from derpkit.client import DerpClient, DerpConnectionError
 
     host, port = target_host(cfg), derp_port(cfg)
-    dial = f"[{host}]" if ":" in host else host
     tls = cfg.tls_enabled
     kwargs: dict = {}
     if tls:
         pin = pin_for(cfg)
         if pin is not None:
-            url = f"https://{dial}:{port}/derp"
+            url = f"https://{join_host_port(host, port)}/derp"
             kwargs["cert_name"] = pin
         else:
-            name = cfg.hostname if parse_ip(cfg.hostname) is None else dial
-            url = f"https://{name}:{port}/derp"
+            name = cfg.hostname if parse_ip(cfg.hostname) is None else host
+            url = f"https://{join_host_port(name, port)}/derp"
             kwargs["insecure_tls"] = True
             kwargs["dial_host"] = host
     else:
-        url = f"http://{dial}:{port}/derp"
+        url = f"http://{join_host_port(host, port)}/derp"
     mesh_key = _mesh_key(cfg)
     try:
         client = await DerpClient.connect(
@@ -140,6 +140,7 @@ async def check_stun(cfg: ServeConfig, timeout: float) -> str:
     from derpkit.stun.client import StunClientError, StunEndpoint, StunSendError, resolve
 
     host, port = target_host(cfg), cfg.stun_port
+    where = join_host_port(host, port)
     try:
         family, ip = await resolve(host, port)
         try:
@@ -154,17 +155,16 @@ async def check_stun(cfg: ServeConfig, timeout: float) -> str:
                 retry_interval=1.0,
             )
     except StunClientError as e:
-        raise CheckFailed(f"STUN {host}:{port}: {e}") from None
+        raise CheckFailed(f"STUN {where}: {e}") from None
     local_ip, local_port = resp.local
     unspecified = ipaddress.ip_address(local_ip).is_unspecified
     if resp.mapped_port != local_port or (
         not unspecified and resp.mapped_ip != ipaddress.ip_address(local_ip)
     ):
         raise CheckFailed(
-            f"STUN {host}:{port}: answer names {resp.mapped_ip}:{resp.mapped_port}, "
-            f"we are {local_ip}:{local_port}"
+            f"STUN {where}: answer names {resp.mapped}, we are {join_host_port(*resp.local)}"
         )
-    return f"STUN ok: {host}:{port} mapped {resp.mapped_ip}:{resp.mapped_port} in {resp.rtt * 1000:.1f} ms"
+    return f"STUN ok: {where} mapped {resp.mapped} in {resp.rtt * 1000:.1f} ms"
 
 
 async def run_checks(cfg: ServeConfig, timeout: float) -> tuple[bool, list[str]]:

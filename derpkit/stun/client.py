@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from derpkit.gosyntax import join_host_port
 from derpkit.stun.codec import (
     ATTR_ERROR_CODE,
     ATTR_XOR_MAPPED_ADDRESS,
@@ -71,7 +72,6 @@ __all__ = [
     "StunTxidMismatch",
     "StunUnreachable",
     "StunEndpoint",
-    "join_addr",
     "query",
     "resolve",
 ]
@@ -172,11 +172,6 @@ class StunErrorResponse(StunClientError):
 # --- results -----------------------------------------------------------------------------------
 
 
-def join_addr(ip: str, port: int) -> str:
-    """``ip:port`` with IPv6 bracketed, as Go prints a UDP address."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def _norm(addr: Sequence[object]) -> Addr:
     """A socket address as (ip, port): IPv4-mapped IPv6 unmapped, flow info and scope id dropped.
 
@@ -216,7 +211,7 @@ class StunResult:
     @property
     def mapped(self) -> str:
         """The mapped address as ``ip:port`` (IPv6 bracketed)."""
-        return join_addr(str(self.mapped_ip), self.mapped_port)
+        return join_host_port(str(self.mapped_ip), self.mapped_port)
 
     def attr(self, atype: int) -> bytes | None:
         """The last value of attribute ``atype`` in the reply, or ``None``."""
@@ -272,7 +267,7 @@ _WHAT = {
 def _bad_reply(data: bytes, origin: Addr, name: str) -> StunBadReply:
     what = _WHAT.get(name, "could not be parsed")
     return StunBadReply(
-        f"reply from {join_addr(*origin)} ({len(data)} bytes) {what}: {name}",
+        f"reply from {join_host_port(*origin)} ({len(data)} bytes) {what}: {name}",
         name=name,
         origin=origin,
         raw=data,
@@ -280,7 +275,7 @@ def _bad_reply(data: bytes, origin: Addr, name: str) -> StunBadReply:
 
 
 def _icmp_error(server: Addr, err: int) -> StunUnreachable:
-    where = join_addr(*server)
+    where = join_host_port(*server)
     if err == errno.ECONNREFUSED:
         msg = (
             f"{where} refused the request (ICMP port unreachable): nothing listens on UDP "
@@ -375,7 +370,7 @@ class StunEndpoint:
         except OSError as e:
             sock.close()
             raise StunSendError(
-                f"cannot open a UDP socket on {join_addr(*local)}: {e.strerror or e}"
+                f"cannot open a UDP socket on {join_host_port(*local)}: {e.strerror or e}"
             ) from None
         endpoint = cls(sock)
         loop = asyncio.get_running_loop()
@@ -461,7 +456,7 @@ class StunEndpoint:
             sent = len(pending.sends)
             copies = f" ({sent} requests sent)" if sent > 1 else ""
             raise StunTimeout(
-                f"no STUN reply from {join_addr(*dest)} within {timeout:g} s{copies}",
+                f"no STUN reply from {join_host_port(*dest)} within {timeout:g} s{copies}",
                 server=dest,
                 timeout=timeout,
                 sent=sent,
@@ -483,7 +478,7 @@ class StunEndpoint:
         if ip.version == 4 and self.family == socket.AF_INET6:
             return f"::ffff:{ip}", dest[1]
         if ip.version == 6 and self.family == socket.AF_INET:
-            raise StunSendError(f"cannot send to {join_addr(*dest)} from an IPv4 socket")
+            raise StunSendError(f"cannot send to {join_host_port(*dest)} from an IPv4 socket")
         return dest
 
     def _send(self, message: bytes, pending: _Pending) -> None:
@@ -602,7 +597,7 @@ class StunEndpoint:
 
     @staticmethod
     def _error_response(data: bytes, origin: Addr) -> StunClientError:
-        where = join_addr(*origin)
+        where = join_host_port(*origin)
         try:
             value = next((v for t, v in parse_attrs(data) if t == ATTR_ERROR_CODE), None)
             if value is None:
@@ -658,7 +653,7 @@ class StunEndpoint:
         if self._sending is not None:
             p = self._sending
             reason = getattr(exc, "strerror", None) or str(exc)
-            self._resolve(p, StunSendError(f"sending to {join_addr(*p.server)}: {reason}"))
+            self._resolve(p, StunSendError(f"sending to {join_host_port(*p.server)}: {reason}"))
         elif isinstance(exc, OSError) and exc.errno is not None:
             # No error queue (not Linux): the error cannot be attributed, so fail everyone.
             self.stats.icmp_errors += 1

@@ -15,18 +15,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from derpkit.gosyntax import parse_duration_seconds
+from derpkit.gosyntax import (
+    FlagError,
+    FlagHelp,
+    GoValueError,
+    flag_value_error,
+    format_duration,
+    go_quote,
+    join_host_port,
+    parse_bool,
+    parse_duration_seconds,
+    parse_int,
+    parse_uint,
+    scan_flags,
+)
 from derpkit.stun.client import (
     DEFAULT_PORT,
     StunClientError,
     StunEndpoint,
     StunResult,
-    join_addr,
     resolve,
 )
 from derpkit.stun.codec import new_txid
@@ -48,41 +59,24 @@ class UsageError(Exception):
 
 # --- Go syntax -----------------------------------------------------------------------------
 
-def parse_go_duration(s: str) -> float:
-    """Go's ``time.ParseDuration`` in float seconds (``300ms``, ``1m30s``, ``.5s``, ``0``).
-
-    Scripts written for Go stunc pass Go durations; the parser is the one ``derpkit serve``
-    uses for its flags, so both tools accept exactly what Go accepts.
-    """
-    return parse_duration_seconds(s)
+#: Go's ``time.ParseDuration`` in float seconds. Scripts written for Go stunc pass Go
+#: durations; this is the parser ``derpkit serve`` uses too, so both accept what Go accepts.
+parse_go_duration = parse_duration_seconds
 
 
 def format_go_duration(seconds: float) -> str:
-    """Short Go-like rendering for messages (``3s``, ``500ms``, ``1m30s``)."""
-    if seconds >= 60 and seconds == int(seconds):
-        m, s = divmod(int(seconds), 60)
-        return f"{m}m{s}s"
-    if seconds >= 1 or seconds == 0:
-        return f"{seconds:g}s"
-    return f"{seconds * 1000:g}ms"
-
-
-_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+    """``seconds`` as Go's ``Duration.String`` prints it (``3s``, ``500ms``, ``1m30s``)."""
+    return format_duration(round(seconds * 1e9))
 
 
 def _parse_port(s: str) -> int:
-    """Go's ``strconv.ParseUint(s, 10, 16)``, with its error text."""
-    if not s or not s.isascii() or not s.isdigit():
+    """The port argument as Go stunc reads it (``strconv.ParseUint(s, 10, 16)``), same error."""
+    try:
+        return parse_uint(s, 16)
+    except GoValueError as e:
         raise UsageError(
-            f'invalid port: strconv.ParseUint: parsing "{s}": invalid syntax', 1, False
-        )
-    port = int(s)
-    if port > 0xFFFF:
-        raise UsageError(
-            f'invalid port: strconv.ParseUint: parsing "{s}": value out of range', 1, False
-        )
-    return port
+            f"invalid port: strconv.ParseUint: parsing {go_quote(s)}: {e.reason}", 1, False
+        ) from None
 
 
 @dataclass
@@ -113,57 +107,37 @@ def _defaults() -> str:
     return "\n".join(out) + "\n"
 
 
+_BOOL_FLAGS = {"json": True, "timeout": False, "count": False}  # flag -> is it a bool flag
+
+
 def parse_args(argv: list[str]) -> Options:
     """Go ``flag`` grammar: ``-f v``, ``-f=v``, ``--f v``; flags stop at the first positional."""
     opts = Options()
-    args = list(argv)
-    while args:
-        arg = args[0]
-        if len(arg) < 2 or arg[0] != "-":
-            break
-        args.pop(0)
-        if arg == "--":
-            break
-        name = arg[2:] if arg.startswith("--") else arg[1:]
-        if not name or name[0] in "-=":
-            raise UsageError(f"bad flag syntax: {arg}", 2)
-        value: str | None = None
-        if "=" in name:
-            name, value = name.split("=", 1)
-        if name in ("h", "help"):
-            raise UsageError("", 0)
-        if name == "json":
-            if value is None:
-                opts.json = True
-            elif value in _TRUE or value in _FALSE:
-                opts.json = value in _TRUE
-            else:
-                raise UsageError(f'invalid boolean value "{value}" for -json: parse error', 2)
-            continue
-        if name not in ("timeout", "count"):
-            raise UsageError(f"flag provided but not defined: -{name}", 2)
-        if value is None:
-            if not args:
-                raise UsageError(f"flag needs an argument: -{name}", 2)
-            value = args.pop(0)
-        try:
-            if name == "timeout":
-                opts.timeout = parse_go_duration(value)
-            else:
-                if not re.fullmatch(r"[+-]?\d+", value):
-                    raise ValueError(value)
-                opts.count = int(value)
-                if opts.count < 1:
-                    raise UsageError(
-                        f'invalid value "{value}" for flag -count: must be at least 1', 2
-                    )
-        except ValueError:
-            raise UsageError(f'invalid value "{value}" for flag -{name}: parse error', 2) from None
-    if not 1 <= len(args) <= 2:
+    rest: list[str] = []
+    try:
+        for name, text, is_bool in scan_flags(argv, _BOOL_FLAGS.get, rest):
+            try:
+                if name == "json":
+                    opts.json = parse_bool(text)
+                elif name == "timeout":
+                    opts.timeout = parse_duration_seconds(text)
+                else:
+                    opts.count = parse_int(text)  # Go's flag.Int: strconv.ParseInt(s, 0, 64)
+            except GoValueError:
+                raise flag_value_error(name, text, "parse error", is_bool=is_bool) from None
+            if name == "count" and opts.count < 1:
+                raise UsageError(
+                    f"invalid value {go_quote(text)} for flag -count: must be at least 1", 2
+                )
+    except FlagHelp:
+        raise UsageError("", 0) from None
+    except FlagError as e:
+        raise UsageError(e.message, 2) from None
+    if not 1 <= len(rest) <= 2:
         raise UsageError(f"usage: {PROG} <hostname> [port]", 1)
-    opts.host = args[0]
-    if len(args) == 2:
-        opts.port = _parse_port(args[1])
+    opts.host = rest[0]
+    if len(rest) == 2:
+        opts.port = _parse_port(rest[1])
     return opts
 
 
@@ -175,7 +149,7 @@ def _reply_json(r: StunResult) -> dict[str, Any]:
     return {
         "txid": r.txid.hex(),
         "rtt_ms": round(r.rtt * 1000, 3),
-        "from_addr": join_addr(*r.origin),
+        "from_addr": join_host_port(*r.origin),
         "mapped_addr": r.mapped,
         "mapped_ip": str(r.mapped_ip),
         "mapped_port": r.mapped_port,
@@ -245,7 +219,7 @@ async def _probe(opts: Options) -> int:
         if opts.json:
             _emit_json(out, {**doc, "error": str(e), "error_kind": e.kind})
         return 1
-    sent = join_addr(ip, opts.port)
+    sent = join_host_port(ip, opts.port)
     doc["sent_addr"] = sent
 
     run = _Run()
@@ -290,12 +264,12 @@ async def _probe(opts: Options) -> int:
             if opts.count == 1:
                 # Go prints all three lines only once the reply is in.
                 err.write(
-                    f"sent addr: {sent}\nfrom addr: {join_addr(*reply.origin)}\n"
+                    f"sent addr: {sent}\nfrom addr: {join_host_port(*reply.origin)}\n"
                     f"stun addr: {reply.mapped}\n"
                 )
             else:
                 err.write(
-                    f"request {i + 1}/{opts.count}: from {join_addr(*reply.origin)}: "
+                    f"request {i + 1}/{opts.count}: from {join_host_port(*reply.origin)}: "
                     f"stun addr {reply.mapped} rtt {reply.rtt * 1000:.3f} ms\n"
                 )
 
@@ -313,7 +287,7 @@ def _finish(opts: Options, doc: dict[str, Any], run: _Run, sent: str) -> int:
         doc.update(
             ok=got > 0,
             error=None if got else f"no STUN reply from {sent} to {n} requests",
-            from_addr=join_addr(*last.origin) if last else None,
+            from_addr=join_host_port(*last.origin) if last else None,
             mapped_addr=last.mapped if last else None,
             mapped_ip=str(last.mapped_ip) if last else None,
             mapped_port=last.mapped_port if last else None,
