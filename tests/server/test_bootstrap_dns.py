@@ -1,5 +1,7 @@
 """/bootstrap-dns: rollout test vectors, list parsing, TXT lookups, answers and counters.
 
+TXT lookups go to a real DNS server on loopback (UDP and TCP, answers built by dnspython).
+
 The rollout vectors are the ones in Tailscale's ``cmd/derper/bootstrap_dns_test.go``; the
 last test puts our answer next to the real Go derper's for the same configuration.
 """
@@ -7,12 +9,23 @@ last test puts our answer next to the real Go derper's for the same configuratio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
+import os
+import socket
 import struct
+from collections.abc import AsyncIterator
 
 import aiohttp
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import pytest
+from dns.rdtypes.ANY.TXT import TXT
 
 from derpkit.server.frontdoor import bootstrap_dns as B
 from derpkit.server.frontdoor.http import BROWSER_HEADERS, HttpOptions
@@ -72,50 +85,133 @@ async def test_resolve_list_percentages() -> None:
     assert ents.percent == {"a.example": 0.4, "d.example": 1.0}
 
 
-class TinyDNS(asyncio.DatagramProtocol):
-    """A one-zone UDP DNS server answering TXT queries (for the stdlib TXT client)."""
+class LoopbackDNS(asyncio.DatagramProtocol):
+    """A real DNS server on loopback: UDP and TCP on one port, messages built by dnspython.
 
-    def __init__(self, records: dict[str, list[str]]) -> None:
+    It answers TXT from ``records`` (NXDOMAIN otherwise), or SERVFAIL to everything when
+    ``servfail``. A UDP answer larger than the query allows (512 bytes, or its EDNS payload) is
+    sent truncated (TC set, no answers), as a real server does, so the client must use TCP.
+    """
+
+    def __init__(self, records: dict[str, list[str]], *, servfail: bool = False) -> None:
         self.records = records
+        self.servfail = servfail
+        self.udp_queries = self.tcp_queries = self.truncated = 0
         self.transport: asyncio.DatagramTransport | None = None
+        self.tcp: asyncio.Server | None = None
+        self.port = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        qid = struct.unpack("!H", data[:2])[0]
-        off, labels = 12, []
-        while data[off]:
-            n = data[off]
-            labels.append(data[off + 1 : off + 1 + n].decode())
-            off += 1 + n
-        question = data[12 : off + 5]
-        name = ".".join(labels)
-        if name not in self.records:
-            reply = struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0, 0) + question
+    def reply(self, wire: bytes, max_size: int) -> bytes:
+        query = dns.message.from_wire(wire)
+        resp = dns.message.make_response(query)
+        qname = query.question[0].name
+        name = qname.to_text(omit_final_dot=True)
+        if self.servfail:
+            resp.set_rcode(dns.rcode.SERVFAIL)
+        elif name not in self.records:
+            resp.set_rcode(dns.rcode.NXDOMAIN)
         else:
-            answers = b""
+            rrset = resp.find_rrset(
+                resp.answer, qname, dns.rdataclass.IN, dns.rdatatype.TXT, create=True
+            )
             for text in self.records[name]:
                 raw = text.encode()
-                chunks = b"".join(bytes([len(raw[i : i + 255])]) + raw[i : i + 255] for i in range(0, len(raw), 255))
-                answers += b"\xc0\x0c" + struct.pack("!HHIH", 16, 1, 60, len(chunks)) + chunks
-            reply = struct.pack("!HHHHHH", qid, 0x8180, 1, len(self.records[name]), 0, 0) + question + answers
+                chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
+                rrset.add(TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks), ttl=60)
+        if query.edns >= 0:
+            max_size = max(max_size, query.payload)
+        try:
+            return resp.to_wire(max_size=max_size)
+        except dns.exception.TooBig:
+            self.truncated += 1
+            resp.answer.clear()
+            resp.flags |= dns.flags.TC
+            return resp.to_wire()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.udp_queries += 1
         assert self.transport is not None
-        self.transport.sendto(reply, addr)
+        self.transport.sendto(self.reply(data, 512), addr)
+
+    async def _serve_tcp(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                (n,) = struct.unpack("!H", await r.readexactly(2))
+                self.tcp_queries += 1
+                out = self.reply(await r.readexactly(n), 65535)
+                w.write(struct.pack("!H", len(out)) + out)
+                await w.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            w.close()
+
+    async def start(self) -> tuple[str, int]:
+        """Bind UDP on an ephemeral port, then TCP on the same number (retry on a clash)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
+            self.port = transport.get_extra_info("sockname")[1]
+            try:
+                self.tcp = await asyncio.start_server(self._serve_tcp, "127.0.0.1", self.port)
+                return "127.0.0.1", self.port
+            except OSError:
+                transport.close()
+        raise RuntimeError("no port free for both UDP and TCP")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.tcp is not None:
+            self.tcp.close()
+
+
+@contextlib.asynccontextmanager
+async def dns_server(records: dict[str, list[str]], **kw: bool) -> AsyncIterator[LoopbackDNS]:
+    srv = LoopbackDNS(records, **kw)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
 
 
 async def test_txt_lookup_over_udp() -> None:
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: TinyDNS({"pct.example": ["25", "x" * 300]}), local_addr=("127.0.0.1", 0)
-    )
-    try:
-        server = transport.get_extra_info("sockname")[:2]
-        assert await B.lookup_txt("pct.example", server) == ["25", "x" * 300]
-        with pytest.raises(OSError, match="no such host"):
-            await B.lookup_txt("missing.example", server)
-    finally:
-        transport.close()
+    async with dns_server({"pct.example": ["25", "x" * 300]}) as srv:
+        server = ("127.0.0.1", srv.port)
+        assert sorted(await B.lookup_txt("pct.example", [server])) == ["25", "x" * 300]
+        with pytest.raises(OSError, match=r"^lookup missing\.example: no such host$"):
+            await B.lookup_txt("missing.example", [server])
+        assert srv.tcp_queries == 0 and srv.udp_queries == 2
+
+
+async def test_txt_lookup_repeats_a_truncated_answer_over_tcp() -> None:
+    big = ["y" * 1000, "z" * 1000]  # ~2 KB: more than the 1232-byte EDNS payload
+    async with dns_server({"big.example": big}) as srv:
+        assert sorted(await B.lookup_txt("big.example", [("127.0.0.1", srv.port)])) == big
+        assert (srv.udp_queries, srv.truncated, srv.tcp_queries) == (1, 1, 1)
+
+
+async def test_txt_lookup_asks_every_nameserver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead nameserver or a SERVFAIL one does not hide the record the next one has."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = ("127.0.0.1", s.getsockname()[1])  # nothing listens: costs one 2 s try
+    async with dns_server({}, servfail=True) as bad, dns_server({"pct.example": ["7"]}) as good:
+        bad_addr, good_addr = ("127.0.0.1", bad.port), ("127.0.0.1", good.port)
+        assert await B.lookup_txt("pct.example", [dead, good_addr], timeout=4) == ["7"]
+        assert await B.lookup_txt("pct.example", [bad_addr, good_addr]) == ["7"]
+        assert bad.udp_queries == 1 and good.udp_queries == 2
+        with pytest.raises(OSError, match=r"^lookup pct\.example: .*SERVFAIL"):
+            await B.lookup_txt("pct.example", [bad_addr])
+        # The environment override takes a list too (how a serve process is pointed here).
+        monkeypatch.setenv("DERPKIT_DNS_SERVER", f"{bad_addr[0]}:{bad.port},[::1]:1,{good_addr[0]}:{good.port}")
+        assert B._split_servers(os.environ["DERPKIT_DNS_SERVER"])[1] == ("::1", 1)
+        monkeypatch.setenv("DERPKIT_DNS_SERVER", f"{bad_addr[0]}:{bad.port},{good_addr[0]}:{good.port}")
+        assert await B.lookup_txt("pct.example") == ["7"]
 
 
 # ------------------------------------------------------------------------ the route

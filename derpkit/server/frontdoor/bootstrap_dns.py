@@ -5,8 +5,11 @@ object; ``-unpublished-bootstrap-dns-names`` is answered only to a client that a
 that name with ``?q=`` and passes the name's rollout test. An unpublished entry may be
 ``name/txtname``: the TXT record of ``txtname`` holds the rollout percentage 0-100.
 
-Both lists are refreshed at start-up and then every 10 minutes. The counters carry
-derper's names (``bootstrap_dns_requests``, ``…_published_hits`` …).
+Names resolve through the system resolver (A and AAAA, like Go's ``LookupIP``); TXT records
+through dnspython's asyncio resolver, which tries every nameserver in /etc/resolv.conf in turn
+and repeats a truncated UDP answer over TCP. Both lists are refreshed at start-up and then
+every 10 minutes. The counters carry derper's names (``bootstrap_dns_requests``,
+``…_published_hits`` …).
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import random
 import re
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
 from aiohttp import web
 
 from derpkit.server import metrics
@@ -89,96 +96,64 @@ async def lookup_ip(name: str) -> list[str]:
     return out
 
 
-def _nameserver() -> tuple[str, int]:
-    env = os.environ.get("DERPKIT_DNS_SERVER", "")  # tests point TXT lookups at a local server
-    if env:
-        host, _, port = env.rpartition(":")
-        return host.strip("[]"), int(port)
-    try:
-        with open("/etc/resolv.conf") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver":
-                    return parts[1], 53
-    except OSError:
-        pass
-    return "127.0.0.1", 53
+#: Go's resolver falls back to these when resolv.conf names no nameserver.
+_DEFAULT_NAMESERVERS = (("127.0.0.1", 53), ("::1", 53))
+#: EDNS0 UDP payload size Go's resolver advertises (the DNS flag day 2020 value); bigger
+#: answers come back truncated and are fetched again over TCP.
+_EDNS_PAYLOAD = 1232
 
 
-def _txt_query(name: str, qid: int) -> bytes:
-    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    for label in name.rstrip(".").split("."):
-        raw = label.encode("idna") if label else b""
-        q += bytes([len(raw)]) + raw
-    return q + b"\x00" + struct.pack("!HH", 16, 1)
-
-
-def _skip_name(msg: bytes, off: int) -> int:
-    while True:
-        n = msg[off]
-        if n & 0xC0 == 0xC0:
-            return off + 2
-        if n == 0:
-            return off + 1
-        off += 1 + n
-
-
-def parse_txt_answer(msg: bytes, qid: int) -> list[str]:
-    """TXT strings (each record's strings joined) from a DNS reply; raises on errors."""
-    rid, flags, qd, an, _, _ = struct.unpack("!HHHHHH", msg[:12])
-    if rid != qid:
-        raise OSError("DNS reply id mismatch")
-    rcode = flags & 0xF
-    if rcode == 3:
-        raise OSError("no such host")
-    if rcode:
-        raise OSError(f"DNS error rcode {rcode}")
-    off = 12
-    for _ in range(qd):
-        off = _skip_name(msg, off) + 4
-    out: list[str] = []
-    for _ in range(an):
-        off = _skip_name(msg, off)
-        rtype, _, _, rdlen = struct.unpack("!HHIH", msg[off : off + 10])
-        off += 10
-        rdata = msg[off : off + rdlen]
-        off += rdlen
-        if rtype != 16:
-            continue
-        parts, i = [], 0
-        while i < len(rdata):
-            n = rdata[i]
-            parts.append(rdata[i + 1 : i + 1 + n].decode(errors="replace"))
-            i += 1 + n
-        out.append("".join(parts))
+def _split_servers(text: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]`` (IPv6 in brackets) from ``$DERPKIT_DNS_SERVER``."""
+    out = []
+    for item in text.split(","):
+        host, _, port = item.strip().rpartition(":")
+        out.append((host.strip("[]"), int(port)))
     return out
 
 
-async def lookup_txt(name: str, server: tuple[str, int] | None = None, timeout: float = 5.0) -> list[str]:
-    """TXT records of ``name`` over UDP to the system's first nameserver."""
-    server = server or _nameserver()
-    loop = asyncio.get_running_loop()
-    qid = random.randrange(1 << 16)
-    fut: asyncio.Future[bytes] = loop.create_future()
+def _resolver(servers: Sequence[tuple[str, int]] | None) -> dns.asyncresolver.Resolver:
+    """A fresh resolver for one refresh: ``servers``, else ``$DERPKIT_DNS_SERVER`` (tests point
+    TXT lookups at a loopback server with it), else every nameserver in /etc/resolv.conf.
 
-    class _Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: object) -> None:
-            if not fut.done():
-                fut.set_result(data)
+    Fresh each time (a refresh runs every 10 minutes) so an edited resolv.conf is picked up, as
+    Go re-reads it; and without a cache, so a changed rollout percentage is seen at once.
+    """
+    env = os.environ.get("DERPKIT_DNS_SERVER", "")
+    if servers is None and env:
+        servers = _split_servers(env)
+    if servers is None:
+        try:
+            resolver = dns.asyncresolver.Resolver()  # reads /etc/resolv.conf
+        except dns.resolver.NoResolverConfiguration:
+            servers = _DEFAULT_NAMESERVERS
+    if servers is not None:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+    resolver.use_edns(0, 0, _EDNS_PAYLOAD)
+    return resolver
 
-        def error_received(self, exc: Exception) -> None:
-            if not fut.done():
-                fut.set_exception(exc)
 
-    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    transport, _ = await loop.create_datagram_endpoint(_Proto, remote_addr=server, family=family)
+async def lookup_txt(
+    name: str, servers: Sequence[tuple[str, int]] | None = None, timeout: float = 5.0
+) -> list[str]:
+    """TXT records of ``name``, each record's strings joined (Go's ``LookupTXT``).
+
+    dnspython's resolver asks the nameservers in order until one answers (a dead or SERVFAIL
+    server does not hide the record) and repeats a truncated UDP answer over TCP, which a
+    hand-written UDP client did not. ``timeout`` bounds the whole lookup. Failures are
+    :class:`OSError` with a one-line reason, as :func:`lookup_ip`'s are.
+    """
+    resolver = _resolver(servers)
     try:
-        transport.sendto(_txt_query(name, qid))
-        async with asyncio.timeout(timeout):
-            reply = await fut
-    finally:
-        transport.close()
-    return parse_txt_answer(reply, qid)
+        answer = await resolver.resolve(name, "TXT", lifetime=timeout, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        raise OSError(f"lookup {name}: no such host") from None
+    except dns.exception.DNSException as e:
+        raise OSError(f"lookup {name}: {e}") from None
+    if answer.rrset is None:  # the name exists but has no TXT record
+        return []
+    return [b"".join(rd.strings).decode(errors="replace") for rd in answer.rrset]
 
 
 @dataclass
