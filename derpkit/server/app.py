@@ -41,7 +41,7 @@ def load_mesh_key(cfg: ServeConfig, setec_value: bytes | None = None) -> MeshKey
     (``fetch_setec_mesh_key``) and passes the secret's value in ``setec_value``.
     """
     if cfg.dev:
-        text = os.environ.get("TAILSCALE_DERPER_MESH_KEY", "")
+        text = cfg.knobs.dev_mesh_key
         if not text:
             log.info("No mesh key specified for dev via TAILSCALE_DERPER_MESH_KEY")
             return None
@@ -173,6 +173,7 @@ def build_node(
     http = HttpOptions(
         hostname=cfg.hostname, derp_enabled=cfg.derp, home=cfg.home, dev=cfg.dev,
         bootstrap_dns=dns.handle, consistency_check=admission.self_check_list, ace=cfg.ace,
+        knobs=cfg.knobs,
     )
     opts = NodeOptions(
         host=cfg.listen_host,

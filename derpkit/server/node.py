@@ -209,7 +209,7 @@ class DerpNode:
 
         assert self.opts.http_port is not None
         self.port80_runner = web.AppRunner(
-            build_port80_app(main_app, self.opts.acme_http01), access_log=None, handle_signals=False
+            build_port80_app(main_app, self.opts.http.knobs, self.opts.acme_http01), access_log=None, handle_signals=False
         )
         await self.port80_runner.setup()
         factory = self.port80_runner.server

@@ -21,6 +21,7 @@ from derpkit.server.config import (
     SETTINGS,
     ConfigError,
     HelpRequested,
+    Knobs,
     ServeConfig,
     cert_refusal,
     flags_markdown,
@@ -116,7 +117,22 @@ def test_kind_and_default_are_derpers(flag: str) -> None:
 
 def test_servicconfig_fields_follow_the_table() -> None:
     names = [f.name for f in dataclasses.fields(ServeConfig)]
-    assert names == [attr_of(f) for f in [*DERPER_FLAGS, *EXTENSIONS]] + ["origins"]
+    assert names == [attr_of(f) for f in [*DERPER_FLAGS, *EXTENSIONS]] + ["origins", "knobs"]
+
+
+def test_knobs_come_from_the_environ_given() -> None:
+    """derper's TS_* knobs are read with the flags, from parse_config's environ only."""
+    cfg, _ = parse(
+        env={
+            "TS_DEBUG_KEY_PATH": "/k",
+            "TS_ALLOW_DEBUG_IP": "10.0.0.1",
+            "TS_DEBUG_TRUSTED_CIDRS": "10.1.0.0/16,bad",
+            "TAILSCALE_DERPER_MESH_KEY": "sekrit",
+        }
+    )
+    assert cfg.knobs == Knobs("/k", "10.0.0.1", "10.1.0.0/16,bad", "sekrit")
+    assert "sekrit" not in repr(cfg.knobs)  # a bad CIDR is only refused at the first check
+    assert parse()[0].knobs == Knobs()
 
 
 def test_plain_serveconfig_has_derpers_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -210,6 +210,21 @@ async def test_version_flag() -> None:
     assert proc.returncode == 0 and out.strip()
 
 
+async def test_debug_key_path_opens_debug_behind_a_proxy(tmp_path: Path) -> None:
+    """TS_DEBUG_KEY_PATH (read with the flags at start-up): ``?debugkey=`` with the file's
+    content admits a GET to /debug/ even from behind a proxy; a wrong key does not."""
+    key_file = tmp_path / "debug.key"
+    key_file.write_text("s3cret\n")
+    sp = await serve("-a", "127.0.0.1:0", *BASE, TS_DEBUG_KEY_PATH=str(key_file))
+    proxied = {"X-Forwarded-For": "192.0.2.1"}
+    try:
+        assert (await get(sp, "/debug/?debugkey=s3cret", headers=proxied))[0] == 200
+        assert (await get(sp, "/debug/?debugkey=wrong", headers=proxied))[0] == 403
+        assert (await get(sp, "/debug/", headers=proxied))[0] == 403
+    finally:
+        await sp.stop()
+
+
 # ------------------------------------------------------------------------ admission
 
 @pytest.fixture

@@ -5,6 +5,7 @@
 * parse.py: :func:`parse_config` (Go ``flag`` command line, then env, then defaults);
 * validate.py: derper's start-up refusals that need no I/O;
 * docs.py: the usage text and ``docs/flags.md``;
+* knobs.py: derper's non-flag environment knobs (``TS_DEBUG_*`` and friends);
 * errors.py: :class:`ConfigError` and its exit statuses.
 
 Callers import from here (``from derpkit.server.config import parse_config``), never from
@@ -13,6 +14,7 @@ the modules inside, so the split can change without touching them.
 
 from .docs import flags_markdown, usage
 from .errors import ConfigError, HelpRequested
+from .knobs import Knobs
 from .parse import parse_config
 from .serveconfig import ServeConfig
 from .settings import SETTINGS, Setting
@@ -22,6 +24,7 @@ __all__ = [
     "SETTINGS",
     "ConfigError",
     "HelpRequested",
+    "Knobs",
     "ServeConfig",
     "Setting",
     "cert_refusal",

@@ -21,6 +21,7 @@ from derpkit.gosyntax import (
 
 from .docs import usage
 from .errors import ConfigError, HelpRequested
+from .knobs import Knobs
 from .serveconfig import ServeConfig
 from .settings import BY_FLAG, SETTINGS, PathExists, Setting
 from .validate import validate_config
@@ -118,7 +119,7 @@ def parse_config(
             f"warning: ignoring arguments from {go_quote(leftovers[0])} on: flags stop at the "
             f"first non-flag (a bool is switched off with -name=false, not -name false)"
         )
-    cfg = ServeConfig(**values, origins=origins)
+    cfg = ServeConfig(**values, origins=origins, knobs=Knobs.from_environ(environ))
     if not cfg.version:
         notes.extend(validate_config(cfg))
     return cfg, notes

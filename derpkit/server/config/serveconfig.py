@@ -17,6 +17,7 @@ from typing import Any
 from derpkit.gosyntax import GoValueError, go_quote, split_host_port
 
 from .errors import ConfigError
+from .knobs import Knobs
 from .settings import BY_ATTR, MAX_PORT, SETTINGS
 
 
@@ -80,6 +81,11 @@ class ServeConfig:
     acme_directory_url: str = _table_default("acme_directory_url")
     acme_renew_before: float = _table_default("acme_renew_before")
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    #: derper's non-flag environment knobs, read with the flags (parse_config passes its
+    #: ``environ``; a directly built config reads the process environment once, here).
+    knobs: Knobs = field(
+        default_factory=lambda: Knobs.from_environ(os.environ), repr=False, compare=False
+    )
 
     # Derived views. They assume the config passed validate_config (parse_config does that).
 
@@ -182,11 +188,8 @@ def env_of(origins: Mapping[str, str], attr: str) -> str | None:
 
 def _check_table() -> None:
     """The dataclass and the table must list the same settings in the same order."""
-    names = [f.name for f in dataclasses.fields(ServeConfig) if f.name != "origins"]
+    names = [f.name for f in dataclasses.fields(ServeConfig) if f.name not in ("origins", "knobs")]
     assert names == [s.attr for s in SETTINGS], "ServeConfig fields and SETTINGS disagree"
-
-
-_check_table()
 
 
 _check_table()

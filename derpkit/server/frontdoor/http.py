@@ -27,6 +27,7 @@ from derpkit import __version__
 from derpkit.gosyntax import go_quote
 from derpkit.protocol import upgrade
 from derpkit.server import metrics
+from derpkit.server.config import Knobs
 from derpkit.server.relay.derp import DerpServer
 from derpkit.server.relay.websocket import handle_websocket
 
@@ -77,11 +78,13 @@ class HttpOptions:
     consistency_check: Callable[[], Any] | None = None
     #: -ace: the front door proxies allowed CONNECT targets on the TLS listener (ace.py).
     ace: bool = False
+    #: derper's debug-access knobs, resolved at start-up (``ServeConfig.knobs`` in serve).
+    knobs: Knobs = field(default_factory=lambda: Knobs.from_environ(os.environ))
 
 
-def debug_allowed(request: web.Request) -> bool:
+def debug_allowed(request: web.Request, knobs: Knobs) -> bool:
     """derper's debug access rule: loopback, Tailscale IPs, or explicitly allowed."""
-    key_path = os.environ.get("TS_DEBUG_KEY_PATH", "")
+    key_path = knobs.debug_key_path
     want = request.query.get("debugkey", "")
     if request.method == "GET" and want and key_path:
         try:
@@ -107,9 +110,9 @@ def debug_allowed(request: web.Request) -> bool:
         return True
     if isinstance(ip, ipaddress.IPv6Address) and ip in _TAILSCALE_V6:
         return True
-    if os.environ.get("TS_ALLOW_DEBUG_IP", "") == str(ip):
+    if knobs.allow_debug_ip == str(ip):
         return True
-    raw = os.environ.get("TS_DEBUG_TRUSTED_CIDRS", "")
+    raw = knobs.debug_trusted_cidrs
     try:
         trusted = trusted_cidrs(raw)
     except ValueError as e:
@@ -163,10 +166,10 @@ def _parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(f"{addr}/{bits}", strict=False)
 
 
-def warn_if_bad_trusted_cidrs() -> None:
+def warn_if_bad_trusted_cidrs(knobs: Knobs) -> None:
     """At start-up, say what derper would only find out at the first outside debug check."""
     try:
-        trusted_cidrs(os.environ.get("TS_DEBUG_TRUSTED_CIDRS", ""))
+        trusted_cidrs(knobs.debug_trusted_cidrs)
     except ValueError as e:
         log.warning("%s; derper and derpkit exit at the first /debug/ or home-page access check "
                     "from an address that is not loopback, Tailscale or TS_ALLOW_DEBUG_IP", e)
@@ -207,7 +210,7 @@ def home_page(opts: HttpOptions, debug_link: bool) -> str:
 
 def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
     started = time.time()
-    warn_if_bad_trusted_cidrs()
+    warn_if_bad_trusted_cidrs(opts.knobs)
     # CONNECT never reaches aiohttp: the front door gets this Ace (app[ACE]) from the node.
     ace = acemod.Ace(opts.ace)
 
@@ -252,12 +255,12 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
         if opts.home.startswith(("http://", "https://")):
             raise web.HTTPFound(opts.home, headers=BROWSER_HEADERS)
         return web.Response(
-            text=home_page(opts, debug_allowed(request)), content_type="text/html", charset="utf-8",
+            text=home_page(opts, debug_allowed(request, opts.knobs)), content_type="text/html", charset="utf-8",
             headers=BROWSER_HEADERS,
         )
 
     async def debug(request: web.Request) -> web.StreamResponse:
-        if not debug_allowed(request):
+        if not debug_allowed(request, opts.knobs):
             msg = "debug access denied"
             if opts.dev and request.path != "/debug/":
                 peer = request.transport.get_extra_info("peername") if request.transport else None

@@ -27,6 +27,8 @@ from email.utils import formatdate
 
 from aiohttp import web
 
+from derpkit.server.config import Knobs
+
 from .head import PlainConnect
 from .http import debug_allowed, go_error, no_content, no_content_headers, set_server_header
 
@@ -34,7 +36,9 @@ from .http import debug_allowed, go_error, no_content, no_content_headers, set_s
 AcmeResponder = Callable[[str, str], "tuple[int, str] | None"]
 
 
-def build_port80_app(main_app: web.Application, acme: AcmeResponder | None = None) -> web.Application:
+def build_port80_app(
+    main_app: web.Application, knobs: Knobs, acme: AcmeResponder | None = None
+) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         resp = await answer(request)
         tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
@@ -61,7 +65,7 @@ def build_port80_app(main_app: web.Application, acme: AcmeResponder | None = Non
             return await match.handler(request)
         if request.method not in ("GET", "HEAD"):
             return go_error(400, "Use HTTPS")
-        target_path = "/debug/" if raw == "/" and debug_allowed(request) else raw
+        target_path = "/debug/" if raw == "/" and debug_allowed(request, knobs) else raw
         target = "https://" + request.headers.get("Host", "") + target_path
         # Go's http.Redirect: Location as given, a short HTML body for GET.
         body = f'<a href="{html.escape(target)}">Found</a>.\n\n' if request.method == "GET" else None
