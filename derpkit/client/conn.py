@@ -589,9 +589,10 @@ class DerpClient:
         return DerpConnectionError(f"{self.url}: {err}")
 
     def _on_lost(self, exc: BaseException | None) -> None:
-        if self._error is not None or self._core is None:
-            if self._error is None:
-                self._fail(DerpConnectionError(f"{self.url}: connection lost before the upgrade"))
+        if self._error is not None:
+            return
+        if self._core is None:
+            self._fail(DerpConnectionError(f"{self.url}: connection lost before the upgrade"))
             return
         for ev in self._core.connection_lost(time.monotonic(), str(exc) if exc is not None else ""):
             self._on_event(ev)

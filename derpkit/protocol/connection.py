@@ -409,10 +409,13 @@ class ClientConnection:
         events.append(ConnectionFailed(err))
 
     def close(self) -> None:
-        """This end is done; later sends raise and input is ignored."""
+        """This end is done; later sends raise, input is ignored, queued output is dropped."""
         if self.state is not ClientState.CLOSED:
             self.state = ClientState.CLOSED
             self.error = ProtocolError("closed", "client closed")
+            self._out.clear()
+            self._out_len = 0
+            self._pings.clear()
 
     # ------------------------------------------------------------------ timers
 
