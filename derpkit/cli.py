@@ -9,6 +9,8 @@ USAGE = """usage: derpkit <command> [flags]
 commands:
   serve     run a DERP + STUN server (derper's flags and env vars)
   stunc     send one STUN binding request and print the mapped address
+  probe     derpprobe's drop-in: probe every node of a DERP map and say what is wrong
+  conformance  run the DERP conformance suite against any DERP server URL
   healthcheck  check the local serve over DERP and STUN (same flags/env as serve; exit 0 = healthy)
 """
 
@@ -31,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         from derpkit.stunc.cli import main as stunc_main
 
         return stunc_main(rest)
+    if cmd == "probe":
+        from derpkit.probe.cli import main as probe_main
+
+        return probe_main(rest)
+    if cmd == "conformance":
+        from derpkit.conformance.cli import main as conformance_main
+
+        return conformance_main(rest)
     sys.stderr.write(f"derpkit: unknown command {cmd!r}\n{USAGE}")
     return 2
 

@@ -19,3 +19,4 @@ bash scripts/install-go-peers.sh
 if [ -f scripts/install-pebble.sh ]; then
   bash scripts/install-pebble.sh
 fi
+bash scripts/install-matrix-peers.sh
