@@ -29,6 +29,7 @@ from derpkit.protocol.constants import (
 from derpkit.protocol.frames import PeerGone, PeerPresent, RecvPacket
 from derpkit.protocol.keys import MeshKey, NodePrivate, NodePublic
 from tests.goderper import derper_fixture
+from tests.server.helpers import nothing_arrives
 
 pytestmark = pytest.mark.interop
 
@@ -51,17 +52,6 @@ async def recv_kind(c: DerpClient, kind: type, timeout: float = 3.0):
             f = await c.recv()
             if isinstance(f, kind):
                 return f
-
-
-async def assert_quiet(c: DerpClient, kinds: tuple[type, ...], wait: float = 0.3) -> None:
-    """No frame of ``kinds`` arrives within ``wait`` seconds."""
-    try:
-        async with asyncio.timeout(wait):
-            while True:
-                f = await c.recv()
-                assert not isinstance(f, kinds), f"unexpected {f!r}"
-    except TimeoutError:
-        pass
 
 
 # ------------------------------------------------------------------ handshake / transport
@@ -222,7 +212,7 @@ async def test_ping_rtt(derper) -> None:
         rtts = [await c.ping(timeout=2) for _ in range(5)]
         assert all(0 < r < 2 for r in rtts)
         # The Pongs were consumed by ping(), not queued for recv().
-        await assert_quiet(c, (object,), wait=0.2)
+        assert await nothing_arrives(c, object, within=0.2)
 
 
 # ------------------------------------------------------------------ PeerGone
@@ -240,7 +230,7 @@ async def test_peer_gone_disconnected_to_past_receivers_only(derper) -> None:
         await a.close()
         gone = await recv_kind(b, PeerGone)
         assert gone.key == a.public_key.raw and gone.reason == PeerGoneReason.DISCONNECTED
-        await assert_quiet(c, (PeerGone,))
+        assert await nothing_arrives(c, PeerGone)
     finally:
         await b.close()
         await c.close()

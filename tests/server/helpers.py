@@ -176,17 +176,28 @@ async def recv_kind(c: DerpClient, kind: type, timeout: float = 5.0):  # noqa: A
                 return f
 
 
-async def nothing_arrives(c: DerpClient, kind: type, within: float = 0.3) -> bool:
+async def nothing_arrives(c: DerpClient, kind: type | tuple[type, ...], within: float = 0.3) -> bool:
+    """Whether no ``kind`` frame arrives within ``within`` seconds on a live connection.
+
+    Silence proves nothing on its own: a dead connection is silent too. So the connection
+    dying during the window fails the test, and afterwards it must still answer a Ping.
+    """
+    what = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
     try:
         async with asyncio.timeout(within):
             while True:
                 f = await c.recv()
                 if isinstance(f, kind):
                     return False
+    except DerpConnectionError as e:  # before TimeoutError: DerpTimeoutError is both
+        raise AssertionError(f"connection died while checking that no {what} arrives: {e}") from e
     except TimeoutError:
-        return True
-    except DerpConnectionError:
-        return True
+        pass
+    try:
+        await c.ping(timeout=5)
+    except (DerpConnectionError, TimeoutError) as e:
+        raise AssertionError(f"no {what} arrived, but the connection no longer answers a Ping: {e!r}") from e
+    return True
 
 
 @contextlib.asynccontextmanager
