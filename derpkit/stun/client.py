@@ -41,6 +41,8 @@ from typing import Final, Literal
 from derpkit.gosyntax import join_host_port
 from derpkit.stun.codec import (
     ATTR_ERROR_CODE,
+    ATTR_OTHER_ADDRESS,
+    ATTR_RESPONSE_ORIGIN,
     ATTR_XOR_MAPPED_ADDRESS,
     ATTR_XOR_MAPPED_ADDRESS_ALT,
     BINDING_ERROR,
@@ -72,6 +74,7 @@ __all__ = [
     "StunTxidMismatch",
     "StunUnreachable",
     "StunEndpoint",
+    "local_ip_toward",
     "query",
     "resolve",
 ]
@@ -229,6 +232,23 @@ class StunResult:
         xor = atype in (ATTR_XOR_MAPPED_ADDRESS, ATTR_XOR_MAPPED_ADDRESS_ALT)
         return decode_address(value, self.txid, xor=xor)
 
+    def _addr_or_none(self, atype: int) -> Addr | None:
+        try:
+            found = self.address_attr(atype)
+        except StunError:
+            return None  # a broken optional attribute is as good as none for the caller
+        return (str(found[0]), found[1]) if found else None
+
+    @property
+    def response_origin(self) -> Addr | None:
+        """RFC 5780 RESPONSE-ORIGIN: where the server says it answered from (None if absent)."""
+        return self._addr_or_none(ATTR_RESPONSE_ORIGIN)
+
+    @property
+    def other_address(self) -> Addr | None:
+        """RFC 5780 OTHER-ADDRESS: the server's alternate IP and port (None if absent)."""
+        return self._addr_or_none(ATTR_OTHER_ADDRESS)
+
 
 @dataclass(slots=True)
 class EndpointStats:
@@ -335,6 +355,7 @@ class StunEndpoint:
         self._finished: OrderedDict[bytes, None] = OrderedDict()
         self._sending: _Pending | None = None
         self._others_error = False  # the failed send only reported an earlier ICMP error
+        self._watched: dict[bytes, asyncio.Future[Addr]] = {}
         self.stats = EndpointStats()
         self.family = sock.family
         self.local: Addr = _norm(sock.getsockname())
@@ -408,6 +429,7 @@ class StunEndpoint:
         retry_interval: float | None = None,
         strict: bool = False,
         txid: bytes | None = None,
+        backoff: float = 1.0,
     ) -> StunResult:
         """Send one Binding transaction to ``server`` (an IP literal and port) and await its reply.
 
@@ -415,13 +437,17 @@ class StunEndpoint:
         ``"plain"`` an RFC 5389 request carrying ``attrs`` (e.g. CHANGE-REQUEST), which Go
         derper ignores. ``retries`` extra copies of the same transaction (same id, as RFC
         5389 and Tailscale's prober retransmit) go out every ``retry_interval`` seconds
-        (default: ``timeout`` split evenly), all within ``timeout`` overall. ``strict`` makes
-        the first unrelated datagram fatal, as in Go's ``stunc``.
+        (default: ``timeout`` split evenly), all within ``timeout`` overall. ``backoff`` > 1
+        multiplies the gap after each send (RFC 5389's doubling RTO is ``backoff=2``); the
+        default first gap is then chosen so that every copy still fits in ``timeout``.
+        ``strict`` makes the first unrelated datagram fatal, as in Go's ``stunc``.
         """
         if self._transport is None or self._transport.is_closing():
             raise StunSendError("the STUN socket is closed")
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        if backoff < 1:
+            raise ValueError("backoff must be >= 1")
         if shape == "tailscale":
             if attrs:
                 raise ValueError("a Tailscale-shaped request carries no extra attributes")
@@ -438,7 +464,10 @@ class StunEndpoint:
         loop = asyncio.get_running_loop()
         pending = _Pending(txid, dest, self._sendto_addr(dest), strict, loop.create_future())
         self._pending[txid] = pending
-        interval = retry_interval if retry_interval is not None else timeout / (retries + 1)
+        if retry_interval is not None:
+            interval = retry_interval
+        else:  # gaps g, g*b, g*b^2... and a last wait of the same rule add up to ``timeout``
+            interval = timeout / sum(backoff**k for k in range(retries + 1))
         deadline = loop.time() + max(timeout, 0.0)
         try:
             for attempt in range(retries + 1):
@@ -446,7 +475,7 @@ class StunEndpoint:
                 if pending.future.done():
                     break
                 left = deadline - loop.time()
-                wait = left if attempt == retries else min(interval, left)
+                wait = left if attempt == retries else min(interval * backoff**attempt, left)
                 if wait > 0:
                     await asyncio.wait((pending.future,), timeout=wait)
                 if pending.future.done() or loop.time() >= deadline:
@@ -468,6 +497,25 @@ class StunEndpoint:
             self._finished[txid] = None
             while len(self._finished) > _LATE_MEMORY:
                 self._finished.popitem(last=False)
+
+    def watch_request(self, txid: bytes) -> asyncio.Future[Addr]:
+        """A future for a Binding *request* with ``txid`` arriving on this socket; its source.
+
+        RFC 5780 hairpinning test: another socket sends a request to this socket's public
+        (mapped) address; if the NAT loops it back, it arrives here. Cancel the future to stop
+        watching. Such a request is counted in ``stats.looped`` and otherwise ignored.
+        """
+        fut: asyncio.Future[Addr] = asyncio.get_running_loop().create_future()
+        self._watched[txid] = fut
+        fut.add_done_callback(lambda _f: self._watched.pop(txid, None))
+        return fut
+
+    def send_raw(self, data: bytes, dest: tuple[str, int]) -> None:
+        """Send one datagram as is (a probe that expects no answer on this socket)."""
+        if self._transport is None or self._transport.is_closing():
+            raise StunSendError("the STUN socket is closed")
+        self.stats.sent += 1
+        self._transport.sendto(data, self._sendto_addr(_norm(dest)))
 
     def _sendto_addr(self, dest: Addr) -> Addr:
         """Check ``dest`` is an IP literal the socket can reach; map IPv4 for an IPv6 socket."""
@@ -525,6 +573,12 @@ class StunEndpoint:
             self._fail_all(_bad_reply(data, origin, "ErrNotSTUN"), strict_only=True)
             return
         txid = data[8:HEADER_LEN]
+        watched = self._watched.get(txid)
+        if watched is not None and data[0:2] == BINDING_REQUEST:
+            self.stats.looped += 1
+            if not watched.done():
+                watched.set_result(origin)
+            return
         pending = self._pending.get(txid)
         if pending is None or pending.future.done():  # done: answered, cleanup not yet run
             self._unrelated(data, origin, txid, done=pending is not None)
@@ -668,6 +722,22 @@ class StunEndpoint:
 # --- one-shot helpers --------------------------------------------------------------------------
 
 
+def local_ip_toward(server: tuple[str, int]) -> str | None:
+    """The source IP the kernel would use to reach ``server`` (no packet is sent).
+
+    A socket bound to the wildcard does not know its own address; NAT detection needs it to
+    tell "the server saw my own address" (no NAT) from a translated one.
+    """
+    ip = _norm(server)[0]
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.connect((ip, server[1] or DEFAULT_PORT))
+            return _norm(s.getsockname())[0]
+    except OSError:
+        return None
+
+
 async def resolve(host: str, port: int, family: int = socket.AF_UNSPEC) -> tuple[int, str]:
     """(family, IP literal) for ``host``; an IPv4 answer wins when a name has both, as in Go.
 
@@ -702,6 +772,7 @@ async def query(
     strict: bool = False,
     local: tuple[str, int] | None = None,
     txid: bytes | None = None,
+    backoff: float = 1.0,
 ) -> StunResult:
     """Resolve ``host``, ask it once from a fresh socket, close the socket, return the answer.
 
@@ -722,4 +793,5 @@ async def query(
             retry_interval=retry_interval,
             strict=strict,
             txid=txid,
+            backoff=backoff,
         )

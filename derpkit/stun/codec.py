@@ -32,25 +32,33 @@ __all__ = [
     "ATTR_MESSAGE_INTEGRITY",
     "ATTR_MESSAGE_INTEGRITY_SHA256",
     "ATTR_OTHER_ADDRESS",
+    "ATTR_PADDING",
     "ATTR_RESPONSE_ORIGIN",
+    "ATTR_RESPONSE_PORT",
     "ATTR_SOFTWARE",
     "ATTR_XOR_MAPPED_ADDRESS",
     "ATTR_XOR_MAPPED_ADDRESS_ALT",
     "BINDING_ERROR",
     "BINDING_REQUEST",
     "BINDING_SUCCESS",
+    "CHANGE_IP",
+    "CHANGE_PORT",
     "HEADER_LEN",
     "MAGIC_COOKIE",
     "REQUEST_LEN",
     "SOFTWARE",
     "RFC_UNDERSTOOD_REQUIRED_ATTRS",
     "StunError",
+    "RfcRequest",
     "StunResponse",
     "build_plain_request",
     "build_request",
     "build_response",
+    "build_rfc5780_response",
+    "change_request",
     "decode_address",
     "decode_error_code",
+    "encode_address",
     "fingerprint",
     "is_stun",
     "new_txid",
@@ -58,6 +66,7 @@ __all__ = [
     "parse_binding_request",
     "parse_response",
     "parse_rfc_binding_request",
+    "parse_rfc_request",
 ]
 
 # --- wire constants (one comment each) -------------------------------------------------------
@@ -86,6 +95,8 @@ ATTR_MESSAGE_INTEGRITY_SHA256: Final = 0x001C  # RFC 8489 HMAC-SHA256
 ATTR_PASSWORD_ALGORITHM: Final = 0x001D  # RFC 8489
 ATTR_USERHASH: Final = 0x001E  # RFC 8489
 ATTR_XOR_MAPPED_ADDRESS: Final = 0x0020  # the standard mapped address
+ATTR_PADDING: Final = 0x0026  # RFC 5780: filler to test fragmentation (content ignored)
+ATTR_RESPONSE_PORT: Final = 0x0027  # RFC 5780: "send the response to this port instead"
 ATTR_PRIORITY: Final = 0x0024  # ICE (RFC 8445) candidate priority
 ATTR_USE_CANDIDATE: Final = 0x0025  # ICE nomination flag
 ATTR_XOR_MAPPED_ADDRESS_ALT: Final = 0x8020  # pre-RFC draft number some old servers still send
@@ -93,6 +104,9 @@ ATTR_SOFTWARE: Final = 0x8022  # free-text agent name
 ATTR_FINGERPRINT: Final = 0x8028  # CRC-32 xor "STUN"; must be the last attribute
 ATTR_RESPONSE_ORIGIN: Final = 0x802B  # RFC 5780: the address the server answered from
 ATTR_OTHER_ADDRESS: Final = 0x802C  # RFC 5780: the server's alternate IP:port
+
+CHANGE_IP: Final = 0x04  # CHANGE-REQUEST flag: answer from the other IP address
+CHANGE_PORT: Final = 0x02  # CHANGE-REQUEST flag: answer from the other port
 
 FAMILY_IPV4: Final = 0x01  # address family byte for IPv4
 FAMILY_IPV6: Final = 0x02  # address family byte for IPv6
@@ -329,6 +343,63 @@ def build_response(
     return _HEADER.pack(BINDING_SUCCESS, len(attr), MAGIC_COOKIE, txid) + attr
 
 
+def encode_address(
+    ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    txid: bytes | None = None,
+) -> bytes:
+    """An address attribute value; XOR-encoded with ``txid`` (XOR-MAPPED-ADDRESS) when given.
+
+    Plain (``txid=None``) is the layout of MAPPED-ADDRESS, RESPONSE-ORIGIN and OTHER-ADDRESS.
+    IPv4-mapped IPv6 is unmapped first, as everywhere in this codec.
+    """
+    if isinstance(ip, str):
+        ip = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port out of range: {port}")
+    raw = ip.packed
+    family = FAMILY_IPV4 if len(raw) == 4 else FAMILY_IPV6
+    if txid is not None:
+        raw = bytes(a ^ b for a, b in zip(raw, MAGIC_COOKIE + txid, strict=False))
+        port ^= _COOKIE_PORT_XOR
+    return struct.pack("!BBH", 0, family, port) + raw
+
+
+def change_request(*, change_ip: bool = False, change_port: bool = False) -> tuple[int, bytes]:
+    """The CHANGE-REQUEST attribute as a (type, value) pair for :func:`build_plain_request`."""
+    flags = (CHANGE_IP if change_ip else 0) | (CHANGE_PORT if change_port else 0)
+    return ATTR_CHANGE_REQUEST, _U32.pack(flags)
+
+
+def build_rfc5780_response(
+    txid: bytes,
+    ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    *,
+    response_origin: tuple[str, int],
+    other_address: tuple[str, int],
+) -> bytes:
+    """A Binding success response as an RFC 5780 server sends it to an RFC-shaped request.
+
+    XOR-MAPPED-ADDRESS, then MAPPED-ADDRESS (RFC 3489-era clients such as coturn's tools read
+    either), RESPONSE-ORIGIN (the address this reply leaves from) and OTHER-ADDRESS (the
+    alternate IP and port a client may ask for with CHANGE-REQUEST).
+    """
+    if len(txid) != TXID_LEN:
+        raise ValueError(f"transaction id must be {TXID_LEN} bytes, got {len(txid)}")
+    body = b""
+    for atype, value in (
+        (ATTR_XOR_MAPPED_ADDRESS, encode_address(ip, port, txid)),
+        (ATTR_MAPPED_ADDRESS, encode_address(ip, port)),
+        (ATTR_RESPONSE_ORIGIN, encode_address(*response_origin)),
+        (ATTR_OTHER_ADDRESS, encode_address(*other_address)),
+    ):
+        body += _ATTR_HDR.pack(atype, len(value)) + value
+    return _HEADER.pack(BINDING_SUCCESS, len(body), MAGIC_COOKIE, txid) + body
+
+
 # --- parsers ---------------------------------------------------------------------------------
 
 
@@ -417,8 +488,28 @@ def parse_binding_request(data: bytes | bytearray | memoryview) -> bytes:
     return txid
 
 
-def parse_rfc_binding_request(data: bytes | bytearray | memoryview) -> bytes:
-    """Accept any well-formed RFC 5389/8489 Binding request; return its transaction id.
+@dataclass(frozen=True, slots=True)
+class RfcRequest:
+    """A well-formed RFC 5389/8489 Binding request and the RFC 5780 asks it carries.
+
+    ``change_ip``/``change_port`` come from CHANGE-REQUEST, ``response_port`` from RESPONSE-PORT
+    (``None`` when absent). Only an RFC 5780 server may honour them; any other server must not
+    answer a request that asks for a change (see :func:`parse_rfc_binding_request`).
+    """
+
+    txid: bytes
+    change_ip: bool = False
+    change_port: bool = False
+    response_port: int | None = None
+
+    @property
+    def asks_rfc5780(self) -> bool:
+        """True when answering correctly needs an RFC 5780 server (a change or another port)."""
+        return self.change_ip or self.change_port or self.response_port is not None
+
+
+def parse_rfc_request(data: bytes | bytearray | memoryview) -> RfcRequest:
+    """Accept any well-formed RFC 5389/8489 Binding request; return it with its RFC 5780 asks.
 
     Checks: magic cookie and top bits (RFC 3489 cookie-less requests are refused), type 0x0001,
     header length equal to the bytes after the header and a multiple of 4, every attribute
@@ -426,13 +517,12 @@ def parse_rfc_binding_request(data: bytes | bytearray | memoryview) -> bytes:
 
     Attributes after MESSAGE-INTEGRITY(-SHA256) other than FINGERPRINT are ignored, as RFC 8489
     requires. Credentials are not verified: this server authenticates nobody and only reflects
-    the source address, which the sender already knows.
+    the source address, which the sender already knows. CHANGE-REQUEST must carry 4 bytes,
+    RESPONSE-PORT at least 2; PADDING is ignored.
 
     Unknown comprehension-required attributes (outside :data:`RFC_UNDERSTOOD_REQUIRED_ATTRS`)
     raise ``ErrUnknownAttribute``: an RFC server would answer 420, but a Tailscale-style server
-    never sends error responses, so the caller stays silent. A CHANGE-REQUEST asking for a
-    different source IP or port is refused the same way, because answering from the same address
-    would mislead an RFC 5780 NAT-behaviour test; a CHANGE-REQUEST with no flags set is harmless.
+    never sends error responses, so the caller stays silent.
     """
     data = bytes(data)
     if not is_stun(data):
@@ -450,6 +540,8 @@ def parse_rfc_binding_request(data: bytes | bytearray | memoryview) -> bytes:
         raise StunError("ErrBadLength", f"header length {length} is not a multiple of 4")
     attrs = _walk_attrs(data[HEADER_LEN:])
     protected = False  # seen MESSAGE-INTEGRITY: later attributes (bar FINGERPRINT) are ignored
+    change = 0
+    response_port: int | None = None
     offset = HEADER_LEN
     for i, (atype, value) in enumerate(attrs):
         if atype == ATTR_FINGERPRINT:
@@ -464,13 +556,34 @@ def parse_rfc_binding_request(data: bytes | bytearray | memoryview) -> bytes:
         elif atype in (ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256):
             protected = True
         elif atype == ATTR_CHANGE_REQUEST:
-            if len(value) != 4 or _U32.unpack(value)[0] & 0x6:
-                raise StunError(
-                    "ErrUnknownAttribute", "CHANGE-REQUEST asks for another address or port"
-                )
+            if len(value) != 4:
+                raise StunError("ErrMalformedAttrs", "CHANGE-REQUEST value is not 4 bytes")
+            change = _U32.unpack(value)[0]
+        elif atype == ATTR_RESPONSE_PORT:
+            if len(value) < 2:
+                raise StunError("ErrMalformedAttrs", "RESPONSE-PORT value shorter than 2 bytes")
+            response_port = int.from_bytes(value[:2], "big")
+        elif atype == ATTR_PADDING:
+            pass
         elif atype < 0x8000 and atype not in RFC_UNDERSTOOD_REQUIRED_ATTRS:
             raise StunError(
                 "ErrUnknownAttribute", f"unknown comprehension-required attribute 0x{atype:04x}"
             )
         offset += 4 + ((len(value) + 3) & ~3)
-    return txid
+    return RfcRequest(txid, bool(change & CHANGE_IP), bool(change & CHANGE_PORT), response_port)
+
+
+def parse_rfc_binding_request(data: bytes | bytearray | memoryview) -> bytes:
+    """:func:`parse_rfc_request` for a server *without* RFC 5780 support; the transaction id.
+
+    A CHANGE-REQUEST asking for a different source IP or port, or a RESPONSE-PORT, is refused
+    as ``ErrUnknownAttribute``: answering from the same address would mislead an RFC 5780
+    NAT-behaviour test into "endpoint-independent filtering". A CHANGE-REQUEST with no flags
+    set is harmless and accepted.
+    """
+    req = parse_rfc_request(data)
+    if req.change_ip or req.change_port:
+        raise StunError("ErrUnknownAttribute", "CHANGE-REQUEST asks for another address or port")
+    if req.response_port is not None:
+        raise StunError("ErrUnknownAttribute", "RESPONSE-PORT needs an RFC 5780 server")
+    return req.txid

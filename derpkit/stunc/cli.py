@@ -2,9 +2,12 @@
 
 The default output and exit codes are those of Tailscale's ``stunc`` (three ``sent/from/stun
 addr`` lines on stderr, exit 0; exit 1 on any failure; exit 2 on a bad flag), so scripts written
-for it keep working. Extras exist only behind extra flags: ``-json`` for programs and
-``-count N`` for RTT statistics. The diagnostics on failure are the real point of the tool: a
-silent UDP port has many causes, and naming them saves an operator an afternoon.
+for it keep working. Extras exist only behind extra flags: ``-json`` for programs, ``-count``/
+``-interval`` for RTT and loss statistics, ``-retries`` (retransmissions with doubling gaps),
+``-4``/``-6``, ``-plain`` (a bare RFC 5389 request) and ``-nat`` (NAT behaviour discovery, see
+:mod:`derpkit.stunc.discover`). The diagnostics on failure are the real point of the tool: a
+silent UDP port has many causes, and naming them saves an operator an afternoon; before giving
+up on a silent server the other request shape is tried once.
 
 Differences from Go's ``stunc``, on purpose: ``from addr`` is printed unmapped
 (``127.0.0.1:3478``, where Go's dual-stack socket shows ``[::ffff:127.0.0.1]:3478``), and a
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -35,12 +39,14 @@ from derpkit.gosyntax import (
 )
 from derpkit.stun.client import (
     DEFAULT_PORT,
+    RequestShape,
     StunClientError,
     StunEndpoint,
     StunResult,
     resolve,
 )
 from derpkit.stun.codec import new_txid
+from derpkit.stunc.hints import fallback_note, silence_hint
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_TIMEOUT", "main", "parse_go_duration"]
 
@@ -86,13 +92,39 @@ class Options:
     timeout: float = DEFAULT_TIMEOUT
     json: bool = False
     count: int = 1
+    interval: float = 0.0
+    retries: int = 0
+    plain: bool = False
+    family: int = socket.AF_UNSPEC
+    nat: bool = False
+    nat_servers: list[tuple[str, int]] = field(default_factory=list)
+    lifetime: float = 0.0
     host: str = ""
     port: int = DEFAULT_PORT
 
+    @property
+    def shape(self) -> RequestShape:
+        return "plain" if self.plain else "tailscale"
 
+
+# (name, type shown, help, default shown); Go's PrintDefaults sorts by name.
 _FLAG_HELP = [
-    ("count", "int", "send N sequential requests, one at a time, and print RTT min/avg/max", "1"),
+    ("4", "", "use IPv4 only (resolve the name to an A record)", ""),
+    ("6", "", "use IPv6 only (resolve the name to an AAAA record)", ""),
+    ("count", "int", "send N sequential requests from one socket and print RTT min/avg/max "
+     "and loss", "1"),
+    ("interval", "duration", "pause between -count requests", "0s"),
     ("json", "", "print one JSON object on stdout instead of the lines on stderr", ""),
+    ("lifetime", "duration", "with -nat: probe how long an idle mapping lives, up to this long "
+     "(needs an RFC 5780 server; 0 skips)", "0s"),
+    ("nat", "", "discover the NAT's behaviour (RFC 4787 mapping and filtering, hairpinning) and "
+     "explain what it means for Tailscale", ""),
+    ("nat-servers", "string", "with -nat: more STUN servers (host[:port],...) to compare "
+     "mappings against", ""),
+    ("plain", "", "send a bare RFC 5389 binding request instead of Tailscale's (Go derper "
+     "ignores it)", ""),
+    ("retries", "int", "retransmit an unanswered request up to N times (same id, doubling gaps, "
+     "all within -timeout)", "0"),
     ("timeout", "duration", "response wait timeout (default 3s)", None),
 ]
 
@@ -102,37 +134,93 @@ def _defaults() -> str:
     out = []
     for name, typ, help_, default in _FLAG_HELP:
         out.append(f"  -{name} {typ}".rstrip())
-        suffix = f" (default {default})" if default and default != "" else ""
+        suffix = f" (default {default})" if default and default not in ("0", "0s") else ""
         out.append(f"    \t{help_}{suffix}")
     return "\n".join(out) + "\n"
 
 
-_BOOL_FLAGS = {"json": True, "timeout": False, "count": False}  # flag -> is it a bool flag
+_BOOL_FLAGS = {  # flag -> is it a bool flag
+    "4": True, "6": True, "json": True, "plain": True, "nat": True,
+    "timeout": False, "count": False, "interval": False, "retries": False,
+    "nat-servers": False, "lifetime": False,
+}  # fmt: skip
+
+
+def _server_list(text: str) -> list[tuple[str, int]]:
+    """``host[:port],...`` (IPv6 bracketed when a port is given); port defaults to 3478."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        host, port = item, DEFAULT_PORT
+        if item.startswith("["):
+            end = item.find("]")
+            if end < 0:
+                raise ValueError(item)
+            host, rest = item[1:end], item[end + 1 :]
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(item)
+                port = parse_uint(rest[1:], 16)
+        elif item.count(":") == 1:
+            host, p = item.split(":")
+            port = parse_uint(p, 16)
+        if not host:
+            raise ValueError(item)
+        out.append((host, port))
+    return out
 
 
 def parse_args(argv: list[str]) -> Options:
     """Go ``flag`` grammar: ``-f v``, ``-f=v``, ``--f v``; flags stop at the first positional."""
     opts = Options()
     rest: list[str] = []
+    v4 = v6 = False
     try:
         for name, text, is_bool in scan_flags(argv, _BOOL_FLAGS.get, rest):
             try:
                 if name == "json":
                     opts.json = parse_bool(text)
+                elif name == "plain":
+                    opts.plain = parse_bool(text)
+                elif name == "nat":
+                    opts.nat = parse_bool(text)
+                elif name == "4":
+                    v4 = parse_bool(text)
+                elif name == "6":
+                    v6 = parse_bool(text)
                 elif name == "timeout":
                     opts.timeout = parse_duration_seconds(text)
+                elif name == "interval":
+                    opts.interval = parse_duration_seconds(text)
+                elif name == "lifetime":
+                    opts.lifetime = parse_duration_seconds(text)
+                elif name == "nat-servers":
+                    opts.nat_servers = _server_list(text)
+                elif name == "retries":
+                    opts.retries = parse_int(text)
                 else:
                     opts.count = parse_int(text)  # Go's flag.Int: strconv.ParseInt(s, 0, 64)
-            except GoValueError:
+            except (GoValueError, ValueError):
                 raise flag_value_error(name, text, "parse error", is_bool=is_bool) from None
-            if name == "count" and opts.count < 1:
-                raise UsageError(
-                    f"invalid value {go_quote(text)} for flag -count: must be at least 1", 2
-                )
+            for flag, value, low in (
+                ("count", opts.count, 1),
+                ("retries", opts.retries, 0),
+                ("interval", opts.interval, 0),
+                ("lifetime", opts.lifetime, 0),
+            ):
+                if name == flag and value < low:
+                    raise UsageError(
+                        f"invalid value {go_quote(text)} for flag -{flag}: must be at least {low}",
+                        2,
+                    )
     except FlagHelp:
         raise UsageError("", 0) from None
     except FlagError as e:
         raise UsageError(e.message, 2) from None
+    if v4 and v6:
+        raise UsageError("-4 and -6 are mutually exclusive", 2)
+    opts.family = socket.AF_INET if v4 else socket.AF_INET6 if v6 else socket.AF_UNSPEC
     if not 1 <= len(rest) <= 2:
         raise UsageError(f"usage: {PROG} <hostname> [port]", 1)
     opts.host = rest[0]
@@ -144,8 +232,8 @@ def parse_args(argv: list[str]) -> Options:
 # --- the query -----------------------------------------------------------------------------
 
 
-def _reply_json(r: StunResult) -> dict[str, Any]:
-    """One answered request as the ``-json`` output has always shown it."""
+def _reply_json(r: StunResult, shape: str) -> dict[str, Any]:
+    """One answered request as the ``-json`` output shows it."""
     return {
         "txid": r.txid.hex(),
         "rtt_ms": round(r.rtt * 1000, 3),
@@ -154,21 +242,9 @@ def _reply_json(r: StunResult) -> dict[str, Any]:
         "mapped_ip": str(r.mapped_ip),
         "mapped_port": r.mapped_port,
         "addr_attr": f"0x{r.addr_attr:04x}",
+        "sent": r.attempts,
+        "shape": shape,
     }
-
-
-def _timeout_hint(server: str, port: int, timeout: float) -> str:
-    return (
-        f"no STUN reply from {server} within {format_go_duration(timeout)}: "
-        f"is UDP port {port} open?\n"
-        f"  - check firewalls and cloud security groups for UDP (not TCP) {port} in both "
-        f"directions, and that the server runs STUN (derper -stun, default on; -stun-port "
-        f"{port})\n"
-        f"  - this request is Tailscale-shaped (SOFTWARE tailnode + FINGERPRINT), so Go derper "
-        f"and derpkit both answer it; Go derper only answers Tailscale-shaped requests, so a "
-        f"generic STUN tool timing out against it proves nothing\n"
-        f"  - UDP can be lost: retry with -count 5 or a longer -timeout"
-    )
 
 
 def _emit_json(out: TextIO, doc: dict[str, Any]) -> None:
@@ -180,6 +256,8 @@ def _emit_json(out: TextIO, doc: dict[str, Any]) -> None:
 class _Run:
     replies: list[StunResult] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    sent: int = 0
+    fallback: dict[str, Any] | None = None
 
 
 def main(argv: list[str]) -> int:
@@ -197,8 +275,38 @@ def main(argv: list[str]) -> int:
                     err.write(f"Usage of {PROG}:\n")
                 err.write(_defaults())
         return e.code
+    try:
+        if opts.nat:
+            from derpkit.stunc.natcli import run_nat
 
-    return asyncio.run(_probe(opts))
+            return asyncio.run(run_nat(opts))
+        return asyncio.run(_probe(opts))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - a tool prints one line, never a traceback
+        err.write(f"{PROG}: internal error: {type(e).__name__}: {e}\n")
+        return 1
+
+
+async def _ask(
+    endpoint: StunEndpoint, opts: Options, server: tuple[str, int], shape: RequestShape,
+    run: _Run, timeout: float | None = None,
+) -> StunResult:
+    """One transaction with -retries; the sends are counted whatever the outcome."""
+    txid = new_txid()
+    before = endpoint.stats.sent
+    try:
+        # strict: like Go stunc the first datagram decides (a late reply to one of our earlier
+        # requests is skipped by the endpoint, so -count survives it).
+        return await endpoint.request(
+            server, timeout=opts.timeout if timeout is None else timeout, strict=True,
+            txid=txid, shape=shape, retries=opts.retries, backoff=2.0,
+        )
+    except StunClientError as e:
+        e.txid = txid  # type: ignore[attr-defined]
+        raise
+    finally:
+        run.sent += endpoint.stats.sent - before
 
 
 async def _probe(opts: Options) -> int:
@@ -212,7 +320,7 @@ async def _probe(opts: Options) -> int:
         "error": None,
     }
     try:
-        family, ip = await resolve(opts.host, opts.port)
+        family, ip = await resolve(opts.host, opts.port, opts.family)
         endpoint = await StunEndpoint.open(family)
     except StunClientError as e:
         err.write(f"{e}\n")
@@ -221,20 +329,21 @@ async def _probe(opts: Options) -> int:
         return 1
     sent = join_host_port(ip, opts.port)
     doc["sent_addr"] = sent
+    doc["family"] = "ipv6" if family == socket.AF_INET6 else "ipv4"
+    server = (ip, opts.port)
 
     run = _Run()
+    last_error: StunClientError | None = None
     async with endpoint:
         if not opts.json and opts.count > 1:
             err.write(f"sent addr: {sent}\n")
         for i in range(opts.count):
-            txid = new_txid()  # ours, so a failed attempt can still be named in -json output
+            if i and opts.interval:
+                await asyncio.sleep(opts.interval)
             try:
-                # strict: like Go stunc the first datagram decides (a late reply to one of our
-                # earlier requests is skipped by the endpoint, so -count survives it).
-                reply = await endpoint.request(
-                    (ip, opts.port), timeout=opts.timeout, strict=True, txid=txid
-                )
+                reply = await _ask(endpoint, opts, server, opts.shape, run)
             except StunClientError as e:
+                last_error = e
                 if e.kind == "send":
                     err.write(f"{e}\n")
                     if opts.json:
@@ -245,66 +354,112 @@ async def _probe(opts: Options) -> int:
                     if e.kind == "timeout"
                     else str(e)
                 )
-                msg = _timeout_hint(sent, opts.port, opts.timeout) if e.kind == "timeout" else short
+                txid = getattr(e, "txid", b"")
                 run.attempts.append({"txid": txid.hex(), "error": short, "error_kind": e.kind})
-                if opts.count == 1:
-                    err.write(msg + "\n")
-                    if opts.json:
-                        _emit_json(
-                            out, {**doc, "error": msg, "error_kind": e.kind, "txid": txid.hex()}
-                        )
-                    return 1
-                if not opts.json:
+                if opts.count > 1 and not opts.json:
                     err.write(f"request {i + 1}/{opts.count}: {short}\n")
                 continue
             run.replies.append(reply)
-            run.attempts.append(_reply_json(reply))
-            if opts.json:
+            run.attempts.append(_reply_json(reply, opts.shape))
+            if opts.json or opts.count == 1:
                 continue
-            if opts.count == 1:
-                # Go prints all three lines only once the reply is in.
-                err.write(
-                    f"sent addr: {sent}\nfrom addr: {join_host_port(*reply.origin)}\n"
-                    f"stun addr: {reply.mapped}\n"
-                )
+            err.write(
+                f"request {i + 1}/{opts.count}: from {join_host_port(*reply.origin)}: "
+                f"stun addr {reply.mapped} rtt {reply.rtt * 1000:.3f} ms"
+                + (f" ({reply.attempts} sends)" if reply.attempts > 1 else "")
+                + "\n"
+            )
+        if not run.replies and last_error is not None and last_error.kind == "timeout":
+            # Silence: before giving up, try the other request shape once.
+            other: RequestShape = "tailscale" if opts.plain else "plain"
+            try:
+                reply = await _ask(endpoint, opts, server, other, run)
+            except StunClientError as e:
+                run.fallback = {"shape": other, "error": str(e), "error_kind": e.kind}
             else:
-                err.write(
-                    f"request {i + 1}/{opts.count}: from {join_host_port(*reply.origin)}: "
-                    f"stun addr {reply.mapped} rtt {reply.rtt * 1000:.3f} ms\n"
-                )
+                run.fallback = {"shape": other, **_reply_json(reply, other)}
+                run.replies.append(reply)
+                note = fallback_note(opts.shape, sent)
+                run.fallback["note"] = note
+                if not opts.json:
+                    err.write(note + "\n")
+        stats = endpoint.stats
 
-    return _finish(opts, doc, run, sent)
+    if opts.count == 1 and not run.replies:
+        assert last_error is not None
+        return _fail_one(opts, doc, run, sent, last_error, stats.icmp_errors)
+    if opts.count == 1 and not opts.json:
+        reply = run.replies[-1]
+        # Go prints all three lines only once the reply is in.
+        err.write(
+            f"sent addr: {sent}\nfrom addr: {join_host_port(*reply.origin)}\n"
+            f"stun addr: {reply.mapped}\n"
+        )
+    return _finish(opts, doc, run, sent, stats.icmp_errors)
 
 
-def _finish(opts: Options, doc: dict[str, Any], run: _Run, sent: str) -> int:
+def _shapes_tried(opts: Options, run: _Run) -> tuple[str, ...]:
+    return (opts.shape,) + ((run.fallback["shape"],) if run.fallback else ())
+
+
+def _fail_one(
+    opts: Options, doc: dict[str, Any], run: _Run, sent: str, e: StunClientError, icmp: int
+) -> int:
+    err, out = sys.stderr, sys.stdout
+    if e.kind == "timeout":
+        msg = silence_hint(sent, opts.port, opts.timeout, shapes=_shapes_tried(opts, run),
+                           sent=run.sent, icmp_errors=icmp)
+    else:
+        msg = str(e)
+    err.write(msg + "\n")
+    if opts.json:
+        txid = getattr(e, "txid", b"")
+        _emit_json(out, {**doc, "error": msg, "error_kind": e.kind, "txid": txid.hex(),
+                         "sent": run.sent, "fallback": run.fallback})
+    return 1
+
+
+def _finish(opts: Options, doc: dict[str, Any], run: _Run, sent: str, icmp: int) -> int:
     err, out = sys.stderr, sys.stdout
     n, got = opts.count, len(run.replies)
-    rtts = [r.rtt * 1000 for r in run.replies]
+    if run.fallback is not None and "mapped_addr" in run.fallback:
+        got -= 1  # the fallback answer is reported apart from the -count statistics
+    counted = run.replies[:got]
+    rtts = [r.rtt * 1000 for r in counted]
     stats = (min(rtts), sum(rtts) / len(rtts), max(rtts)) if rtts else None
     mapped = sorted({r.mapped for r in run.replies})
+    lost = 100.0 * (n - got) / n
     if opts.json:
         last = run.replies[-1] if run.replies else None
         doc.update(
-            ok=got > 0,
-            error=None if got else f"no STUN reply from {sent} to {n} requests",
+            ok=last is not None,
+            error=None if last else f"no STUN reply from {sent} to {n} requests",
             from_addr=join_host_port(*last.origin) if last else None,
             mapped_addr=last.mapped if last else None,
             mapped_ip=str(last.mapped_ip) if last else None,
             mapped_port=last.mapped_port if last else None,
             txid=last.txid.hex() if last else None,
             rtt_ms=round(last.rtt * 1000, 3) if last else None,
+            shape=opts.shape,
             count=n,
             received=got,
+            sent=run.sent,
+            loss_pct=round(lost, 1),
             rtt_min_ms=round(stats[0], 3) if stats else None,
             rtt_avg_ms=round(stats[1], 3) if stats else None,
             rtt_max_ms=round(stats[2], 3) if stats else None,
             mapped_addrs=mapped,
             replies=run.attempts,
+            fallback=run.fallback,
         )
+        if not last:
+            doc["error_kind"] = "timeout"
+            doc["error"] = silence_hint(sent, opts.port, opts.timeout,
+                                        shapes=_shapes_tried(opts, run), sent=run.sent,
+                                        icmp_errors=icmp)
         _emit_json(out, doc)
     elif n > 1:
-        lost = 100.0 * (n - got) / n
-        err.write(f"{n} requests, {got} replies, {lost:.0f}% lost\n")
+        err.write(f"{n} requests, {got} replies, {lost:.0f}% lost ({run.sent} datagrams sent)\n")
         if stats:
             err.write(f"rtt min/avg/max = {stats[0]:.3f}/{stats[1]:.3f}/{stats[2]:.3f} ms\n")
         if len(mapped) > 1:
@@ -312,6 +467,7 @@ def _finish(opts: Options, doc: dict[str, Any], run: _Run, sent: str) -> int:
                 f"note: the mapped address changed between requests ({', '.join(mapped)}): "
                 "a NAT is re-mapping this socket\n"
             )
-        if not got:
-            err.write(_timeout_hint(sent, opts.port, opts.timeout) + "\n")
-    return 0 if got else 1
+        if not run.replies:
+            err.write(silence_hint(sent, opts.port, opts.timeout, shapes=_shapes_tried(opts, run),
+                                   sent=run.sent, icmp_errors=icmp) + "\n")
+    return 0 if run.replies else 1

@@ -352,3 +352,117 @@ async def test_against_coturn(tmp_path: Any, capsys: pytest.CaptureFixture) -> N
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+# --- the extras: families, -retries, -interval, -plain, the other shape ----------------------
+
+
+async def test_family_flags(server: StunServer, capsys: pytest.CaptureFixture) -> None:
+    assert await stunc("-4", "-json", "localhost", port_of(server)) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["family"] == "ipv4" and doc["sent_addr"] == f"127.0.0.1:{port_of(server)}"
+    # Our server listens on IPv4 only, so -6 must not find an answer there.
+    rc = await stunc("-6", "-timeout", "300ms", "127.0.0.1", port_of(server))
+    assert rc == 1 and "lookup 127.0.0.1" in capsys.readouterr().err
+    assert main(["-4", "-6", "h"]) == 2
+    assert "-4 and -6 are mutually exclusive" in capsys.readouterr().err
+
+
+async def test_retries_back_off_and_reuse_the_id(capsys: pytest.CaptureFixture) -> None:
+    """The first two copies are ignored; the third is answered: 3 sends, one transaction."""
+    seen: list[tuple[float, bytes]] = []
+
+    def answer(req: bytes, n: int) -> tuple[float, bytes | None]:
+        seen.append((time.monotonic(), req[8:20]))
+        return 0.0, (build_response(req[8:20], "192.0.2.9", 9) if n == 2 else None)
+
+    transport, port = await responder(answer)
+    try:
+        rc = await stunc("-retries", "3", "-timeout", "3s", "-json", "127.0.0.1", port)
+        doc = json.loads(capsys.readouterr().out)
+        assert rc == 0, doc
+        assert doc["mapped_addr"] == "192.0.2.9:9" and doc["replies"][0]["sent"] == 3
+        assert len({t for _, t in seen}) == 1  # retransmissions keep the transaction id
+        gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False)]
+        assert gaps[1] > 1.5 * gaps[0], gaps  # doubling: 0.2 s then 0.4 s for 3 s / 15
+    finally:
+        transport.close()
+
+
+async def test_interval_spaces_requests(server: StunServer, capsys: pytest.CaptureFixture) -> None:
+    t0 = time.monotonic()
+    assert await stunc("-count", "3", "-interval", "300ms", "127.0.0.1", port_of(server)) == 0
+    assert time.monotonic() - t0 >= 0.6
+    err = capsys.readouterr().err
+    assert "3 requests, 3 replies, 0% lost (3 datagrams sent)" in err
+
+
+async def test_plain_against_strict_server_falls_back(capsys: pytest.CaptureFixture) -> None:
+    """Go derper's behaviour (-stun-strict): the plain request is ignored, the retry answered."""
+    srv = await start_stun_server("127.0.0.1", 0, strict=True)
+    try:
+        assert await stunc("-plain", "-timeout", "300ms", "127.0.0.1", port_of(srv)) == 0
+        err = capsys.readouterr().err
+        assert "ignored the plain RFC 5389 request but answered a Tailscale-shaped one" in err
+        assert STUN_LINES.search(err)
+        assert srv.counts["dropped", "ErrWrongSoftware"] == 1
+        assert srv.counts["requests", "success"] == 1
+        assert await stunc("-plain", "-json", "-timeout", "300ms", "127.0.0.1", port_of(srv)) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["fallback"]["shape"] == "tailscale" and doc["ok"] is True
+        assert doc["received"] == 0 and doc["shape"] == "plain"
+    finally:
+        srv.close()
+
+
+async def test_plain_against_default_server(server: StunServer, capsys: pytest.CaptureFixture) -> None:
+    assert await stunc("-plain", "127.0.0.1", port_of(server)) == 0
+    assert STUN_LINES.match(capsys.readouterr().err)
+    assert server.counts["requests", "rfc"] == 1 and server.counts["requests", "success"] == 0
+
+
+async def test_silence_tries_both_shapes(silent_port: str, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(0)
+        port = str(s.getsockname()[1])
+        assert await stunc("-timeout", "200ms", "-json", "127.0.0.1", port) == 1
+        got = []
+        while True:
+            try:
+                got.append(s.recv(2048))
+            except BlockingIOError:
+                break
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fallback"]["shape"] == "plain" and doc["sent"] == 2
+    assert "both a Tailscale-shaped request" in doc["error"]
+    assert [len(g) for g in got] == [40, 20]  # Tailscale's 40 bytes, then the bare header
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (lambda req: b"\x01\x01\x00\x0c" + req[4:20] + b"\x00\x20\x00", "without a usable"),
+        (lambda req: b"\x01\x01\x00\x20" + req[4:20] + b"\x00" * 8, "without a usable"),
+        (lambda req: build_response(req[8:20], "192.0.2.1", 7) + b"\xff" * 8000, None),
+        (lambda req: b"\x01\x01\x23\x28" + req[4:20] + b"\x00\x01\x23\x24" + b"\x00" * 9000,
+         "without a usable"),
+        (lambda req: bytes(range(256)) * 30, "is not STUN at all"),
+    ],
+    ids=["truncated-attr", "length-past-end", "oversized-trailing-junk", "oversized-attr",
+         "oversized-garbage"],
+)
+async def test_malformed_replies_one_line(
+    reply: Callable[[bytes], bytes], message: str | None, capsys: pytest.CaptureFixture
+) -> None:
+    transport, port = await responder(lambda req, n: (0.0, reply(req)))
+    try:
+        rc = await stunc("-timeout", "2s", "127.0.0.1", port)
+        err = capsys.readouterr().err
+        if message is None:  # trailing bytes after the declared length are ignored, as in Go
+            assert rc == 0 and "stun addr: 192.0.2.1:7" in err
+        else:
+            assert rc == 1 and message in err
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    finally:
+        transport.close()
