@@ -25,8 +25,10 @@ from typing import Any
 
 from derpkit.protocol import frames as F
 from derpkit.protocol import handshake
+from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.constants import FrameType
-from derpkit.protocol.keys import MeshKey, NodePrivate, NodePublic
+from derpkit.protocol.events import ServerKeyReceived
+from derpkit.protocol.keys import MeshKey, NodePrivate
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "go_derper.json"
 DISCO_MAGIC = "TS💬".encode()
@@ -97,16 +99,17 @@ def go_version(binary: str) -> str:
 
 
 async def login(port: int, key: NodePrivate, info: handshake.ClientInfo) -> tuple[Raw, dict[str, bytes]]:
-    """Upgrade and handshake by hand; returns the raw 101 head, ServerKey and ServerInfo."""
+    """Upgrade and log in through the client core; returns the raw 101 head, ServerKey and
+    ServerInfo exactly as derper sent them (the core only decides what we send)."""
     c = await Raw.open(port)
-    c.w.write(
-        f"GET /derp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: Go-http-client/1.1\r\n"
-        "Connection: Upgrade\r\nUpgrade: DERP\r\n\r\n".encode()
-    )
+    core = ClientConnection(key, info=info, host=f"127.0.0.1:{port}", read_timeout=None)
+    core.start(0.0)
+    c.w.write(core.data_to_send())
     head = await c.head()
     sk = await c.frame()
-    server = NodePublic(sk[5 + 8 : 5 + 40])
-    c.w.write(handshake.client_info_frame(key, server, info))
+    events = core.receive_data(head + sk, 0.0)
+    assert any(isinstance(ev, ServerKeyReceived) for ev in events), events
+    c.w.write(core.data_to_send())  # the ClientInfo, sealed for the key derper sent
     si = await c.frame()
     return c, {"head": head, "server_key": sk, "server_info": si}
 

@@ -26,8 +26,7 @@ import pytest
 from aiohttp import web
 
 from derpkit.client import DerpClient, DerpConnectionError
-from derpkit.protocol import upgrade as U
-from derpkit.protocol.handshake import ClientInfo, client_info_frame
+from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.keys import NodePrivate
 from derpkit.server.app import build_node
 from derpkit.server.config import parse_config
@@ -476,8 +475,10 @@ async def test_tcp_write_timeout_cuts_off_a_reader_that_never_reads() -> None:
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", sp.port))
             _, w = await asyncio.open_connection(sock=sock)
             slow = NodePrivate.generate()
-            w.write(U.build_request("x", fast_start=True))
-            w.write(client_info_frame(slow, sender.server_key, ClientInfo()))
+            # Fast start: the client core writes the request and ClientInfo at once.
+            core = ClientConnection(slow, host="x", server_key=sender.server_key, read_timeout=None)
+            core.start(0.0)
+            w.write(core.data_to_send())
             await w.drain()
             await asyncio.sleep(0.2)
             blob = os.urandom(60_000)

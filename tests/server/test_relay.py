@@ -11,7 +11,9 @@ import pytest
 
 from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
+from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.constants import DISCO_MAGIC, PeerGoneReason
+from derpkit.protocol.events import ConnectionFailed, ServerKeyReceived
 from derpkit.protocol.keys import NodePrivate
 
 from .helpers import exchange, nothing_arrives, recv_kind, recv_packet, running_node
@@ -273,21 +275,17 @@ async def _stalled_client(port: int, key: NodePrivate) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    from derpkit.protocol import upgrade as U
-    from derpkit.protocol.handshake import ClientInfo, client_info_frame
-    from derpkit.protocol.keys import NodePublic
-
     loop = asyncio.get_running_loop()
-    await loop.sock_sendall(sock, U.build_request("x", fast_start=True))
-    # Fast start: the server's first bytes are its ServerKey frame (5 + 8 + 32 bytes).
-    data = b""
+    core = ClientConnection(key, host="x", read_timeout=None)
+    core.start(loop.time())
+    await loop.sock_sendall(sock, core.data_to_send())
     async with asyncio.timeout(5):
-        while len(data) < 45:
-            chunk = await loop.sock_recv(sock, 45 - len(data))
+        while not core.server_key_received:
+            chunk = await loop.sock_recv(sock, 4096)
             assert chunk, "server closed before ServerKey"
-            data += chunk
-    server_key = NodePublic(F.decode_server_key(data[0], data[5:45]).key)
-    await loop.sock_sendall(sock, client_info_frame(key, server_key, ClientInfo()))
+            for ev in core.receive_data(chunk, loop.time()):
+                assert not isinstance(ev, ConnectionFailed), ev
+    await loop.sock_sendall(sock, core.data_to_send())  # the ClientInfo
     return sock
 
 
@@ -507,20 +505,18 @@ async def test_websocket_text_message_closes_with_1003_and_is_counted() -> None:
     Only that connection goes: a TCP pair keeps exchanging, and the client that had
     completed its handshake over the WebSocket is unregistered.
     """
-    from derpkit.protocol.handshake import ClientInfo, client_info_frame
-
     async with running_node() as node:
         a = await DerpClient.connect(node.url)
         b = await DerpClient.connect(node.url)
         session, ws = await _ws_open(node, ("derp",))
         try:
             assert ws.protocol == "derp"
-            first = await ws.receive_bytes(timeout=5)
-            server_key = F.decode_server_key(first[0], first[5:45]).key
-            from derpkit.protocol.keys import NodePublic
-
             key = NodePrivate.generate()
-            await ws.send_bytes(client_info_frame(key, NodePublic(server_key), ClientInfo()))
+            core = ClientConnection(key, host="x", websocket=True, read_timeout=None)
+            core.start(0.0)
+            first = await ws.receive_bytes(timeout=5)
+            assert any(isinstance(ev, ServerKeyReceived) for ev in core.receive_data(first, 0.0))
+            await ws.send_bytes(core.data_to_send())  # the ClientInfo
             async with asyncio.timeout(5):
                 while key.public().raw not in node.server.clients:
                     await asyncio.sleep(0.01)
