@@ -28,11 +28,20 @@ install_one() {  # dir module@version [go install flags...]
   fi
   echo "install-matrix-peers: go install $* $mod -> $PEERS/$dir" >&2
   mkdir -p "$PEERS/$dir"
-  GOBIN="$PEERS/$dir" go install "$@" "$mod"
+  # v1.104.x needs Go >= 1.27.4; GOTOOLCHAIN=auto fetches that toolchain from the proxy.
+  GOBIN="$PEERS/$dir" GOTOOLCHAIN="${GOTOOLCHAIN_FOR_PEERS:-auto}" go install "$@" "$mod"
   echo "$mod" > "$PEERS/$dir/.version"
 }
 install_one derper-v1.80.3 tailscale.com/cmd/derper@v1.80.3
-install_one derper-v1.104.7 tailscale.com/cmd/derper@v1.104.7
+# v1.104.7 cannot be `go install`ed here (the proxy refuses the setec version it needs):
+# scripts/peers/derper-v1.104.7 builds the same package with setec pinned (see its go.mod).
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ ! -x "$PEERS/derper-v1.104.7/derper" ]; then
+  echo "install-matrix-peers: go build tailscale.com/cmd/derper@v1.104.7 -> $PEERS/derper-v1.104.7" >&2
+  mkdir -p "$PEERS/derper-v1.104.7"
+  (cd "$here/peers/derper-v1.104.7" && GOTOOLCHAIN="${GOTOOLCHAIN_FOR_PEERS:-auto}" GOFLAGS=-mod=mod \
+    go build -o "$PEERS/derper-v1.104.7/derper" tailscale.com/cmd/derper)
+fi
 # About 3 minutes cold; newer sing-box releases need modules the proxy here refuses.
 install_one sing-box-v1.13.19 github.com/sagernet/sing-box/cmd/sing-box@v1.13.19 -tags with_gvisor,with_tailscale
 echo "install-matrix-peers: done in $PEERS" >&2
