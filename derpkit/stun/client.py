@@ -498,12 +498,13 @@ class StunEndpoint:
             while len(self._finished) > _LATE_MEMORY:
                 self._finished.popitem(last=False)
 
-    def watch_request(self, txid: bytes) -> asyncio.Future[Addr]:
-        """A future for a Binding *request* with ``txid`` arriving on this socket; its source.
+    def watch(self, txid: bytes) -> asyncio.Future[Addr]:
+        """A future for any STUN message with ``txid`` arriving on this socket; its source.
 
-        RFC 5780 hairpinning test: another socket sends a request to this socket's public
-        (mapped) address; if the NAT loops it back, it arrives here. Cancel the future to stop
-        watching. Such a request is counted in ``stats.looped`` and otherwise ignored.
+        For transactions another socket started: the RFC 5780 hairpinning test (a request sent
+        to this socket's public address comes back here if the NAT hairpins) and the mapping
+        lifetime test (a reply redirected with RESPONSE-PORT to this socket's mapping). Cancel
+        the future to stop watching. A watched request counts in ``stats.looped``.
         """
         fut: asyncio.Future[Addr] = asyncio.get_running_loop().create_future()
         self._watched[txid] = fut
@@ -574,8 +575,9 @@ class StunEndpoint:
             return
         txid = data[8:HEADER_LEN]
         watched = self._watched.get(txid)
-        if watched is not None and data[0:2] == BINDING_REQUEST:
-            self.stats.looped += 1
+        if watched is not None:
+            if data[0:2] == BINDING_REQUEST:
+                self.stats.looped += 1
             if not watched.done():
                 watched.set_result(origin)
             return
