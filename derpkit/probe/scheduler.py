@@ -39,6 +39,8 @@ log = logging.getLogger("derpkit.probe")
 
 #: How long a continuous probe pauses after it ended before starting again.
 CONTINUOUS_PAUSE = 10.0
+#: Slack past a probe's own deadline before the scheduler cancels it.
+GUARD = 0.5
 
 
 def spread_fraction(name: str) -> float:
@@ -134,7 +136,9 @@ class Prober:
                 if p.continuous or p.timeout <= 0:
                     details = await p.fn(p) or {}
                 else:
-                    async with asyncio.timeout(p.timeout):
+                    # Probes keep their own deadline (so they can say which step was slow);
+                    # this guard only catches one that overran it.
+                    async with asyncio.timeout(p.timeout + GUARD):
                         details = await p.fn(p) or {}
                 out = Outcome(True, start, time.time(), time.monotonic() - t0, details=details)
             except Failed as e:
