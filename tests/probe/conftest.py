@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -31,3 +33,26 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCA]:
 @pytest.fixture(scope="session")
 def localhost_leaf(ca: TestCA) -> Leaf:
     return ca.issue("localhost", ["localhost"], ["127.0.0.1", "::1"])
+
+
+@pytest.fixture(scope="session")
+def tailscaled_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real, logged-out tailscaled (userspace networking, in-memory state): its socket path."""
+    from tests.goderper import require_go_tool
+
+    binary = require_go_tool("tailscaled")
+    d = tmp_path_factory.mktemp("tailscaled")
+    sock = str(d / "ts.sock")
+    with open(d / "log", "wb") as log:
+        p = subprocess.Popen([binary, "--tun=userspace-networking", "--state=mem:", f"--socket={sock}",
+                              f"--statedir={d}", "--port=0"], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert p.poll() is None and time.monotonic() < deadline, (d / "log").read_text()[-2000:]
+            time.sleep(0.05)
+        yield sock
+    finally:
+        p.kill()
+        p.wait(10)
