@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from derpkit.server.frontdoor import ace
+from derpkit.server.frontdoor.goresponse import go_error
 from tests.goderper import require_netns
 from tests.server.serve_proc import ServeProc, start_serve
 
@@ -118,14 +119,14 @@ def test_request_uri_ok(uri: bytes, ok: bool) -> None:
 
 
 def test_go_error_bytes() -> None:
-    r = ace.go_error(403, "CONNECT not enabled")
+    r = go_error(403, "CONNECT not enabled")
     assert re.fullmatch(
         rb"HTTP/1\.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
         rb"X-Content-Type-Options: nosniff\r\nDate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\r\n"
         rb"Content-Length: 20\r\n\r\nCONNECT not enabled\n", r), r
-    assert ace.go_error(502, "Connect failure", close=True).split(b"\r\n")[5] == b"Connection: close"
-    assert ace.go_error(404, "404 page not found", http10=True, close=True).startswith(b"HTTP/1.0 404 Not Found\r\n")
-    assert b"Connection" not in ace.go_error(404, "x", http10=True, close=True)
+    assert go_error(502, "Connect failure", close=True).split(b"\r\n")[5] == b"Connection: close"
+    assert go_error(404, "404 page not found", http10=True, close=True).startswith(b"HTTP/1.0 404 Not Found\r\n")
+    assert b"Connection" not in go_error(404, "x", http10=True, close=True)
 
 
 # ---------------------------------------------------------------- over real sockets

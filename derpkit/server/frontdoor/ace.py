@@ -26,7 +26,6 @@ import collections
 import ipaddress
 import logging
 from collections.abc import Callable, Iterator
-from email.utils import formatdate
 from typing import Any
 
 from derpkit.gosyntax import GoValueError, split_host_port
@@ -47,7 +46,6 @@ GO_BAD_REQUEST = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\n\r\n400 Bad Request"
 )
-_REASONS = {403: "Forbidden", 404: "Not Found", 502: "Bad Gateway"}
 
 #: Results counted in derpkit_ace_requests.
 RESULTS = ("disabled", "invalid_target", "dial_failed", "connected")
@@ -146,25 +144,6 @@ def request_uri_ok(uri: bytes) -> bool:
             return False
         authority = authority[:i]
     return _escapes_ok(authority, host=True)
-
-
-def go_error(status: int, message: str, *, http10: bool = False, close: bool = False) -> bytes:
-    """A whole response shaped byte for byte like Go's ``http.Error`` on a net/http server.
-
-    Header order is Go's: the handler's headers (sorted), then Date, Content-Length and,
-    when the server is going to close, ``Connection: close`` (HTTP/1.1 only).
-    """
-    body = (message + "\n").encode()
-    head = [
-        f"HTTP/1.{0 if http10 else 1} {status} {_REASONS.get(status, '')}",
-        "Content-Type: text/plain; charset=utf-8",
-        "X-Content-Type-Options: nosniff",
-        f"Date: {formatdate(usegmt=True)}",
-        f"Content-Length: {len(body)}",
-    ]
-    if close and not http10:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
 class Ace:

@@ -29,6 +29,7 @@ from derpkit.server import metrics
 from derpkit.server.relay.conn import ClientConn
 
 from . import ace as acemod
+from .goresponse import go_error
 
 if TYPE_CHECKING:
     from derpkit.server.relay.derp import DerpServer
@@ -202,18 +203,18 @@ class FrontDoor(asyncio.Protocol):
             return False
         self.buf = rest
         if not tls:
-            return self._answer(acemod.go_error(404, "404 page not found", http10=http10, close=close), close, int(length))
+            return self._answer(go_error(404, "404 page not found", http10=http10, close=close), close, int(length))
         ace = self.ace
         if not ace.enabled:
             ace.requests["disabled"] += 1
-            return self._answer(acemod.go_error(403, "CONNECT not enabled", http10=http10, close=close), close, int(length))
+            return self._answer(go_error(403, "CONNECT not enabled", http10=http10, close=close), close, int(length))
         target = uri.decode("utf-8", "replace")
         try:
             host, port = acemod.check_target(target)
         except acemod.TargetError as e:
             log.info("CONNECT target %s not allowed: %s", go_quote(target), e)
             ace.requests["invalid_target"] += 1
-            return self._answer(acemod.go_error(403, "Invalid CONNECT target", http10=http10, close=close), close, int(length))
+            return self._answer(go_error(403, "Invalid CONNECT target", http10=http10, close=close), close, int(length))
         t.pause_reading()
         self.dialing = asyncio.get_running_loop().create_task(
             self._dial(ace, target, host, port, http10, close, int(length))
@@ -245,7 +246,7 @@ class FrontDoor(asyncio.Protocol):
             t = self.transport
             if t is None or t.is_closing():
                 return
-            if self._answer(acemod.go_error(502, "Connect failure", http10=http10, close=close), close, body_len):
+            if self._answer(go_error(502, "Connect failure", http10=http10, close=close), close, body_len):
                 t.resume_reading()
                 self._next_request()
             return

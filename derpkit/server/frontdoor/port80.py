@@ -23,12 +23,13 @@ from __future__ import annotations
 import html
 import urllib.parse
 from collections.abc import Callable
-from email.utils import formatdate
 
 from aiohttp import web
 
 from derpkit.server.config import Knobs
 
+from .goresponse import go_error as go_error_bytes
+from .goresponse import go_response
 from .head import PlainConnect
 from .http import debug_allowed, go_error, no_content, no_content_headers, set_server_header
 
@@ -80,26 +81,6 @@ def build_port80_app(
     return app
 
 
-def _go_response(status: int, headers: dict[str, str], body: bytes, http10: bool, close: bool) -> bytes:
-    """A response laid out as Go's server writes one: handler headers sorted, Date, then
-    Content-Length (none for 204) and ``Connection: close`` when it will hang up."""
-    reason = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}[status]
-    head = [f"HTTP/1.{0 if http10 else 1} {status} {reason}"]
-    head += [f"{k}: {v}" for k, v in sorted(headers.items())]
-    head.append(f"Date: {formatdate(usegmt=True)}")
-    if status != 204:
-        head.append(f"Content-Length: {len(body)}")
-    if close and not http10:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _go_error(status: int, message: str, http10: bool, close: bool) -> bytes:
-    """Go's http.Error as whole response bytes."""
-    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"}
-    return _go_response(status, headers, (message + "\n").encode(), http10, close)
-
-
 def connect_answer(acme: AcmeResponder | None = None) -> PlainConnect:
     """The front door's CONNECT hook for the port-80 listener (see the module docstring)."""
 
@@ -114,18 +95,18 @@ def connect_answer(acme: AcmeResponder | None = None) -> PlainConnect:
             path = rest[slash:] if slash >= 0 else ""
         path = urllib.parse.unquote(path)
         if path == "":
-            return _go_error(404, "404 page not found", http10, close)
+            return go_error_bytes(404, "404 page not found", http10=http10, close=close)
         if path == "/generate_204":
-            return _go_response(204, no_content_headers(headers.get("x-tailscale-challenge", "")), b"", http10, close)
+            return go_response(204, no_content_headers(headers.get("x-tailscale-challenge", "")), b"", http10=http10, close=close)
         if acme is not None and path.startswith("/.well-known/acme-challenge/"):
             got = acme(headers.get("host", ""), path)
             if got is not None:
                 status, body = got
                 if status == 200:
-                    return _go_response(200, {"Content-Type": "text/plain; charset=utf-8"}, body.encode(), http10, close)
-                return _go_error(status, body, http10, close)
+                    return go_response(200, {"Content-Type": "text/plain; charset=utf-8"}, body.encode(), http10=http10, close=close)
+                return go_error_bytes(status, body, http10=http10, close=close)
         if target.startswith("/debug"):
             return None  # the main application's routes, as for any other method
-        return _go_error(400, "Use HTTPS", http10, close)
+        return go_error_bytes(400, "Use HTTPS", http10=http10, close=close)
 
     return answer
