@@ -181,6 +181,7 @@ def build_node(
         ssl_context=ssl_context,
         stun_port=cfg.stun_port if cfg.stun else None,
         stun_strict=cfg.stun_strict,
+        stun_rfc5780=cfg.stun_rfc5780_alt,
         private_key=key,
         mesh_key=mesh_key,
         mesh_with=mesh_with,

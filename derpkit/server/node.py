@@ -57,6 +57,8 @@ class NodeOptions:
     ssl_context: ssl.SSLContext | None = None
     stun_port: int | None = 0  # None disables STUN; 0 picks a free port
     stun_strict: bool = False
+    #: RFC 5780 mode: the second (IP, port); None = off (derper's behaviour).
+    stun_rfc5780: tuple[str, int] | None = None
     private_key: NodePrivate | None = None
     mesh_key: MeshKey | None = None
     mesh_with: list[tuple[str, str | None]] = field(default_factory=list)
@@ -190,7 +192,9 @@ class DerpNode:
             from .stun import start_stun_server
 
             try:
-                self.stun = await start_stun_server(o.host, o.stun_port, strict=o.stun_strict)
+                self.stun = await start_stun_server(
+                    o.host, o.stun_port, strict=o.stun_strict, rfc5780=o.stun_rfc5780
+                )
             except OSError as e:
                 # derper goes on without STUN when its port is taken; we say so loudly.
                 log.warning("STUN: cannot listen on %s:%s: %s; continuing without STUN", o.host, o.stun_port, e)

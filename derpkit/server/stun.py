@@ -11,6 +11,11 @@ Behaviour, and why it differs from Go derper:
   family-0x02 form.
 * Nothing else is ever answered: no error responses, no replies to garbage. Every datagram is
   counted, so a flood of junk shows up in metrics rather than in logs.
+* RFC 5780 mode (``rfc5780=(second IP, second port)``, ``-stun-rfc5780``): four sockets, the
+  primary IP and a second one, each on the primary and a second port. RFC-shaped requests get
+  RESPONSE-ORIGIN and OTHER-ADDRESS and have CHANGE-REQUEST and RESPONSE-PORT obeyed, so a
+  client can classify its NAT against the operator's own relay. Tailscale-shaped requests are
+  still answered with Go's exact bytes, from the socket they arrived on. Off by default.
 
 Counters live in :attr:`StunServer.counts`, a plain :class:`collections.Counter` keyed by
 ``(group, label)`` tuples that the metrics layer can read without importing anything asyncio.
@@ -28,13 +33,22 @@ import socket
 from typing import Any, cast
 
 from derpkit.stun.codec import (
+    RfcRequest,
     StunError,
     build_response,
+    build_rfc5780_response,
     parse_binding_request,
     parse_rfc_binding_request,
+    parse_rfc_request,
 )
 
-__all__ = ["MAX_SEND_BUFFER", "StunServer", "format_sockname", "start_stun_server"]
+__all__ = [
+    "MAX_SEND_BUFFER",
+    "Rfc5780Group",
+    "StunServer",
+    "format_sockname",
+    "start_stun_server",
+]
 
 log = logging.getLogger("derpkit.stun")
 
@@ -72,9 +86,20 @@ class StunServer(asyncio.DatagramProtocol):
       (``ErrNotSTUN``, ``ErrWrongSoftware``, ``ErrBadLength``...) or ``send_buffer_full``.
     """
 
-    def __init__(self, *, strict: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        group: Rfc5780Group | None = None,
+        slot: tuple[int, int] = (0, 0),
+    ) -> None:
         self.strict = strict
-        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: RFC 5780 mode: the four sockets, and which one this is (IP index, port index).
+        self.group = group
+        self.slot = slot
+        self.counts: collections.Counter[tuple[str, str]] = (
+            group.counts if group is not None else collections.Counter()
+        )
         self.transport: asyncio.DatagramTransport | None = None
         self.sockname: tuple[Any, ...] | None = None
         self._sending = False
@@ -98,7 +123,7 @@ class StunServer(asyncio.DatagramProtocol):
         Must never raise: a single malformed datagram must not take the endpoint down.
         """
         try:
-            txid, kind = self._classify(data)
+            txid, kind, rfc = self._classify(data)
         except StunError as e:
             self.counts["requests", "not_stun"] += 1
             self.counts["dropped", e.name] += 1
@@ -111,23 +136,27 @@ class StunServer(asyncio.DatagramProtocol):
             return
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        transport = self.transport
+        sender, dest = self, addr
+        if rfc is not None and self.group is not None:
+            sender, reply, dest = self.group.reply(self, rfc, ip, addr)
+        else:
+            reply = build_response(txid, ip, addr[1])
+        transport = sender.transport
         if transport is None or transport.is_closing():
             return
         if transport.get_write_buffer_size() > MAX_SEND_BUFFER:
             self.counts["requests", "write_error"] += 1
             self.counts["dropped", "send_buffer_full"] += 1
             return
-        reply = build_response(txid, ip, addr[1])
         errors_before = self.counts["requests", "write_error"]
-        self._sending = True
+        sender._sending = True
         try:
-            transport.sendto(reply, addr)
+            transport.sendto(reply, dest)
         except (OSError, RuntimeError, ValueError):
             # Some event loops raise instead of calling error_received.
             self.counts["requests", "write_error"] += 1
         finally:
-            self._sending = False
+            sender._sending = False
         if self.counts["requests", "write_error"] != errors_before:
             return
         self.counts["requests", kind] += 1
@@ -143,19 +172,23 @@ class StunServer(asyncio.DatagramProtocol):
 
     # --- decisions -----------------------------------------------------------------------------
 
-    def _classify(self, data: bytes) -> tuple[bytes, str]:
-        """Return (transaction id, counter label) or raise :class:`StunError`.
+    def _classify(self, data: bytes) -> tuple[bytes, str, RfcRequest | None]:
+        """Return (transaction id, counter label, RFC request in RFC 5780 mode) or raise
+        :class:`StunError`.
 
         The Tailscale parser runs first so Tailscale clients get Go's exact verdicts (including
         its acceptance of a wrong header length). In RFC mode a rejected datagram gets a second
         chance through the RFC parser, whose error then names the drop reason.
         """
         try:
-            return parse_binding_request(data), "success"
+            return parse_binding_request(data), "success", None
         except StunError as e:
             if self.strict or e.name in ("ErrNotSTUN", "ErrNotBindingRequest"):
                 raise
-        return parse_rfc_binding_request(data), "rfc"
+        if self.group is not None:
+            req = parse_rfc_request(data)
+            return req.txid, "rfc", req
+        return parse_rfc_binding_request(data), "rfc", None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -165,14 +198,59 @@ class StunServer(asyncio.DatagramProtocol):
         return format_sockname(self.sockname) if self.sockname else "<unbound>"
 
     def close(self) -> None:
-        """Stop answering and release the socket (idempotent)."""
-        if self.transport is not None:
-            self.transport.close()
+        """Stop answering and release the socket (idempotent); RFC 5780: all four sockets."""
+        for srv in self.group.servers.values() if self.group is not None else (self,):
+            if srv.transport is not None:
+                srv.transport.close()
 
     async def wait_closed(self) -> None:
-        """Wait until the transport has really released the socket."""
-        if self._closed is not None:
-            await self._closed
+        """Wait until the transport(s) have really released the socket(s)."""
+        for srv in self.group.servers.values() if self.group is not None else (self,):
+            if srv._closed is not None:
+                await srv._closed
+
+
+class Rfc5780Group:
+    """The four sockets of an RFC 5780 server, keyed (IP index, port index), and its replies.
+
+    Index 0 is the primary (``-a``'s IP, ``-stun-port``), 1 the second one. OTHER-ADDRESS is
+    always the socket differing in both; CHANGE-REQUEST flips the index it names; RESPONSE-PORT
+    replaces the destination port. Counters are shared, so metrics see one server.
+    """
+
+    def __init__(self) -> None:
+        self.servers: dict[tuple[int, int], StunServer] = {}
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def addr(self, slot: tuple[int, int]) -> tuple[str, int]:
+        name = self.servers[slot].sockname
+        assert name is not None
+        return str(name[0]), int(name[1])
+
+    def reply(
+        self,
+        at: StunServer,
+        req: RfcRequest,
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        addr: tuple[Any, ...],
+    ) -> tuple[StunServer, bytes, tuple[Any, ...]]:
+        """(socket to send from, reply bytes, destination) for ``req`` received by ``at``."""
+        i, j = at.slot
+        target = (i ^ int(req.change_ip), j ^ int(req.change_port))
+        if req.change_ip:
+            self.counts["rfc5780", "change_ip"] += 1
+        if req.change_port:
+            self.counts["rfc5780", "change_port"] += 1
+        dest = addr
+        if req.response_port is not None:
+            self.counts["rfc5780", "response_port"] += 1
+            dest = (addr[0], req.response_port, *addr[2:])
+        sender = self.servers[target]
+        reply = build_rfc5780_response(
+            req.txid, ip, addr[1],
+            response_origin=self.addr(target), other_address=self.addr((1 - i, 1 - j)),
+        )  # fmt: skip
+        return sender, reply, dest
 
 
 def _make_socket(host: str, port: int) -> socket.socket:
@@ -211,20 +289,52 @@ def _make_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_stun_server(host: str, port: int, *, strict: bool = False) -> StunServer:
-    """Bind ``host:port`` (``""`` = dual-stack all addresses; ``0`` = ephemeral) and serve.
-
-    Raises :class:`OSError` if the port cannot be bound; the caller decides whether that is
-    fatal (Go derper logs it and keeps serving DERP without STUN).
-    """
+async def _serve(host: str, port: int, server: StunServer) -> StunServer:
     sock = _make_socket(host, port)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    server = StunServer(strict=strict)
     try:
         await loop.create_datagram_endpoint(lambda: server, sock=sock)
     except BaseException:
         sock.close()
         raise
-    log.info("STUN server listening on %s", server.address)
     return server
+
+
+async def start_stun_server(
+    host: str, port: int, *, strict: bool = False, rfc5780: tuple[str, int] | None = None
+) -> StunServer:
+    """Bind ``host:port`` (``""`` = dual-stack all addresses; ``0`` = ephemeral) and serve.
+
+    ``rfc5780=(second IP, second port)`` also binds ``host:second port`` and the second IP on
+    both ports (``host`` must be an IP; ephemeral ports are allowed: the second IP then takes
+    the ports the primary got). The primary :class:`StunServer` is returned; its ``group``
+    holds all four and ``close()`` closes them all.
+
+    Raises :class:`OSError` if a port cannot be bound; the caller decides whether that is
+    fatal (Go derper logs it and keeps serving DERP without STUN).
+    """
+    if rfc5780 is None:
+        server = await _serve(host, port, StunServer(strict=strict))
+        log.info("STUN server listening on %s", server.address)
+        return server
+    if strict:
+        raise ValueError("RFC 5780 mode answers plain requests; it cannot be strict")
+    alt_ip, alt_port = rfc5780
+    group = Rfc5780Group()
+    try:
+        p1 = await _serve(host, port, StunServer(group=group, slot=(0, 0)))
+        group.servers[(0, 0)] = p1
+        port1 = group.addr((0, 0))[1]
+        p2 = await _serve(host, alt_port, StunServer(group=group, slot=(0, 1)))
+        group.servers[(0, 1)] = p2
+        port2 = group.addr((0, 1))[1]
+        group.servers[(1, 0)] = await _serve(alt_ip, port1, StunServer(group=group, slot=(1, 0)))
+        group.servers[(1, 1)] = await _serve(alt_ip, port2, StunServer(group=group, slot=(1, 1)))
+    except BaseException:
+        for srv in group.servers.values():
+            srv.close()
+        raise
+    others = ", ".join(group.servers[s].address for s in ((0, 1), (1, 0), (1, 1)))
+    log.info("STUN server listening on %s (RFC 5780: also %s)", p1.address, others)
+    return p1

@@ -89,6 +89,7 @@ DERPER_FLAGS: dict[str, tuple[str, Any]] = {
 }
 EXTENSIONS: dict[str, tuple[str, Any]] = {
     "stun-strict": ("bool", False),
+    "stun-rfc5780": ("string", ""),
     "allowed-keys-file": ("string", ""),
     "restart-notice": ("duration", 5.0),
     "acme-directory-url": ("string", ""),
@@ -360,6 +361,7 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("RATE_CONFIG", "rate-config", "/etc/derper/rate.json", "/etc/derper/rate.json"),
     ("ACE", "ace", "true", True),
     ("STUN_STRICT", "stun-strict", "true", True),
+    ("STUN_RFC5780", "stun-rfc5780", "192.0.2.2", "192.0.2.2"),
     ("ALLOWED_KEYS_FILE", "allowed-keys-file", "/etc/derper/keys", "/etc/derper/keys"),
     ("RESTART_NOTICE", "restart-notice", "10s", 10.0),
     ("ACME_DIRECTORY_URL", "acme-directory-url", "https://localhost:14000/dir", "https://localhost:14000/dir"),
@@ -394,7 +396,9 @@ def test_each_env_var_takes_effect(env: str, flag: str, text: str, want: Any) ->
     attr = attr_of(flag)
     default = getattr(cfg_of(), attr)
     assert default != want, "the case must change the setting to prove anything"
-    cfg, notes = parse(env={env: text})
+    # RFC 5780 mode needs -a to name an IP (its replies name the address they leave from).
+    extra = {"ADDR": "192.0.2.1:443"} if env == "STUN_RFC5780" else {}
+    cfg, notes = parse(env={env: text, **extra})
     got = getattr(cfg, attr)
     if flag == "a" and cfg.dev:
         pytest.fail("unexpected dev mode")

@@ -76,6 +76,7 @@ class ServeConfig:
     tcp_write_timeout: float = _table_default("tcp_write_timeout")
     ace: bool = _table_default("ace")
     stun_strict: bool = _table_default("stun_strict")
+    stun_rfc5780: str = _table_default("stun_rfc5780")
     allowed_keys_file: str = _table_default("allowed_keys_file")
     restart_notice: float = _table_default("restart_notice")
     acme_directory_url: str = _table_default("acme_directory_url")
@@ -133,6 +134,22 @@ class ServeConfig:
                 )
             out.append((parts[0], parts[1] or None) if len(parts) == 2 else (parts[0], None))
         return out
+
+    @property
+    def stun_rfc5780_alt(self) -> tuple[str, int] | None:
+        """``-stun-rfc5780`` as (second IP, second port), or None when RFC 5780 mode is off.
+
+        The port defaults to ``-stun-port + 1`` (coturn's rule), or ephemeral with an
+        ephemeral ``-stun-port``.
+        """
+        if not self.stun_rfc5780:
+            return None
+        from .settings import split_rfc5780_alt
+
+        ip, port = split_rfc5780_alt(self.stun_rfc5780)
+        if port is None:
+            port = self.stun_port + 1 if self.stun_port else 0
+        return ip, port
 
     @property
     def bootstrap_dns_list(self) -> list[str]:

@@ -165,6 +165,42 @@ def _setec_url(value: str) -> str | None:
     return check_url(value)
 
 
+def split_rfc5780_alt(value: str) -> tuple[str, int | None]:
+    """``-stun-rfc5780``'s value as (IP, port or None); raises ValueError with the reason."""
+    import ipaddress
+
+    from derpkit.gosyntax import split_host_port
+
+    text = value.strip()
+    port: int | None = None
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        host = text.strip("[]")
+    except ValueError:
+        try:
+            host, ptext = split_host_port(text)
+        except GoValueError as e:
+            raise ValueError(f"want IP or IP:port ({e.reason})") from None
+        if not ptext.isdigit() or not 0 <= int(ptext) <= MAX_PORT:
+            raise ValueError(f"port {ptext!r} must be a number from 0 to {MAX_PORT}") from None
+        port = int(ptext)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return host, port
+
+
+def _rfc5780_alt(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        split_rfc5780_alt(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _not_nan(value: float) -> str | None:
     return "must be a number or +Inf, not NaN" if math.isnan(value) else None
 
@@ -462,6 +498,19 @@ SETTINGS: tuple[Setting, ...] = (
         extension=True,
     ),
     Setting(
+        "stun-rfc5780",
+        ("STUN_RFC5780",),
+        "string",
+        "",
+        "RFC 5780 NAT-behaviour server: the second IP (IP or IP:port; the port defaults to "
+        "-stun-port + 1) for OTHER-ADDRESS and CHANGE-REQUEST, so `derpkit stunc -nat` and "
+        "coturn's natdiscovery can classify a client's NAT. STUN then also listens on -a's IP "
+        "at the second port and on the second IP at both ports; -a must name an IP. Empty: "
+        "off, derper's behaviour.",
+        check=_rfc5780_alt,
+        extension=True,
+    ),
+    Setting(
         "allowed-keys-file",
         ("ALLOWED_KEYS_FILE",),
         "string",
@@ -512,6 +561,7 @@ SEEDLESS_ENVS = (
     "RATE_CONFIG",
     "ACE",
     "STUN_STRICT",
+    "STUN_RFC5780",
     "ALLOWED_KEYS_FILE",
     "RESTART_NOTICE",
 )

@@ -66,6 +66,42 @@ def _cert_refusal(cfg: ServeConfig) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
+def _check_rfc5780(cfg: ServeConfig) -> None:
+    """``-stun-rfc5780`` needs concrete addresses: the replies name the IP they leave from."""
+    alt = cfg.stun_rfc5780_alt
+    if alt is None:
+        return
+
+    def refuse(reason: str, *attrs: str) -> ConfigError:
+        return ConfigError(
+            f"derpkit: -stun-rfc5780: {reason}{origin_suffix(cfg.origins, 'stun_rfc5780', *attrs)}",
+            1,
+            flag="stun-rfc5780",
+            env=env_of(cfg.origins, "stun_rfc5780"),
+        )
+
+    if cfg.stun_strict:
+        raise refuse("cannot be combined with -stun-strict (RFC 5780 tests use plain "
+                     "RFC 5389 requests, which -stun-strict ignores)", "stun_strict")
+    if not cfg.stun:
+        raise refuse("needs the STUN server (-stun=false turns it off)", "stun")
+    host = split_host_port(cfg.addr)[0]
+    try:
+        primary = ipaddress.ip_address(host)
+    except ValueError:
+        raise refuse(f"-a must name the server's IP address (not {go_quote(host)}), because "
+                     "RFC 5780 replies say which address they leave from", "addr") from None
+    second = ipaddress.ip_address(alt[0])
+    if primary.version != second.version:
+        raise refuse(f"{alt[0]} and -a's {host} are of different IP versions", "addr")
+    if primary == second:
+        raise refuse(f"the second IP {alt[0]} must differ from -a's", "addr")
+    if cfg.stun_port and alt[1] == cfg.stun_port:
+        raise refuse(f"the second port {alt[1]} must differ from -stun-port", "stun_port")
+    if cfg.stun_port and alt[1] == 0:
+        raise refuse("the second port must not be 0 when -stun-port is fixed", "stun_port")
+
+
 def validate_config(cfg: ServeConfig) -> list[str]:
     """derper's start-up refusals that are about shapes, not files; returns warning notes.
 
@@ -104,6 +140,7 @@ def validate_config(cfg: ServeConfig) -> list[str]:
             flag="home",
             env=env_of(cfg.origins, "home"),
         )
+    _check_rfc5780(cfg)
     if cfg.tls_enabled:
         found = _cert_refusal(cfg)
         if found:
