@@ -324,9 +324,9 @@ TURNSERVER = shutil.which("turnserver")
 
 @pytest.mark.skipif(TURNSERVER is None, reason="turnserver missing (apt-get install coturn)")
 async def test_against_coturn(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    from tests.stunc.peers import free_pair
+
+    port = str(free_pair())  # UDP+TCP free, outside the ephemeral range (coturn binds both)
     proc = await asyncio.create_subprocess_exec(
         TURNSERVER, "-n", "--stun-only", "--no-cli", "--no-tls", "--no-dtls",
         "-L", "127.0.0.1", "-p", port, "--log-file", "stdout",
