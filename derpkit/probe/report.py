@@ -64,6 +64,8 @@ def json_report(prober: Prober) -> dict[str, Any]:
         "bad": len(bad),
         "map": {"source": h.source, "age_seconds": h.age, "last_error": h.last_error},
         "warnings": prober.all_warnings(),
+        "run": {"seconds": prober.once_seconds, "concurrency": prober.opts.concurrency,
+                "max_in_flight": prober.max_in_flight, "probes": len(prober.probes)},
         "results": [p.info() for p in sorted(prober.probes.values(), key=lambda p: p.name)],
     }
 

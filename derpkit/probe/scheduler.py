@@ -64,6 +64,10 @@ class Prober:
         self.started = time.time()
         self.on_result: Callable[[Probe], None] | None = None
         self._running = False
+        #: Runs in flight across all probes now, and the most ever (bounded by -concurrency).
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.once_seconds: float | None = None
         self.map_probe = Probe("derpmap-probe", "derp_map", {}, opts.interval, self._map_fn,
                                timeout=0.8 * opts.interval)
         self.probes[self.map_probe.name] = self.map_probe
@@ -128,6 +132,8 @@ class Prober:
         """Run ``p`` once now (bounded by the shared limit and the probe's deadline)."""
         async with self._sem:
             p.in_flight += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             start = time.time()
             p.start = start
             t0 = time.monotonic()
@@ -148,11 +154,13 @@ class Prober:
                               f"the probe did not finish within its {p.timeout:g} s deadline (80% of the interval)")
             except asyncio.CancelledError:
                 p.in_flight -= 1
+                self.in_flight -= 1
                 raise
             except Exception as e:  # a probe bug must not kill the prober: record it, as Go does
                 out = Outcome(False, start, time.time(), time.monotonic() - t0, f"panic: {type(e).__name__}: {e}",
                               "internal error in the probe (please report it)")
             p.in_flight -= 1
+            self.in_flight -= 1
             p.record(out)
             if not out.ok:
                 log.info("probe %s: %s", p.name, out.error)
@@ -164,6 +172,7 @@ class Prober:
 
     async def run_once(self, progress: Callable[[int, int], None] | None = None) -> None:
         """The map probe, then every non-continuous node probe once, then the cross-checks."""
+        t0 = time.monotonic()
         await self.run(self.map_probe)
         todo = [p for p in self.probes.values() if p is not self.map_probe and not p.continuous]
         done = 0
@@ -179,6 +188,7 @@ class Prober:
 
         await asyncio.gather(*(one(p) for p in todo))
         self.correlate()
+        self.once_seconds = time.monotonic() - t0
 
     def correlate(self) -> None:
         self.node_warnings = correlate(list(self.probes.values()), self.env.keys_seen())
