@@ -8,6 +8,8 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   need=()
   command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)
   command -v stun >/dev/null 2>&1 || need+=(stun-client)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)  # tests/stunc/test_nat_netns.py: NATs
+  command -v iptables >/dev/null 2>&1 || need+=(iptables)
   if [ "${#need[@]}" -gt 0 ]; then
     echo "install-peers: apt-get install ${need[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -198,12 +198,13 @@ async def _filtering(p: Prober, server: Addr, other: Addr, report: NatReport) ->
         report.filtering_detail = "a reply from the other IP and port got in"
     elif report.filtering == "address-dependent":
         report.filtering_detail = (
-            f"a reply from another port got in, one from another IP did not ({both.sent} sent)"
+            f"a reply from another port got in, one from another IP did not after {both.sent} "
+            "requests"
         )
     else:
         report.filtering_detail = (
-            "only replies from the exact address and port we sent to got in "
-            f"({both.sent}+{port.sent} change requests sent)"
+            "only replies from the exact address and port we sent to got in; "
+            f"{both.sent + port.sent} change requests went unanswered"
         )
 
 

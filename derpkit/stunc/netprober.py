@@ -77,8 +77,8 @@ class EndpointProber:
             kind = e.kind
             if kind == "error_response":
                 kind = f"error_response {getattr(e, 'code', '?')}"
-            return Observation(sock, server, None, change=change, sent=ep.stats.sent - before,
-                               error=kind)
+            sent = getattr(e, "sent", None) or ep.stats.sent - before
+            return Observation(sock, server, None, change=change, sent=sent, error=kind)
         return Observation(
             sock, server, (str(r.mapped_ip), r.mapped_port), origin=r.origin,
             response_origin=r.response_origin, other_address=r.other_address, change=change,

@@ -1,0 +1,160 @@
+"""Real NATs for ``derpkit stunc -nat``: client -> NAT router -> servers, in network namespaces.
+
+Run as ``unshare -rnm python3 -m tests.stunc.nat_netns CASE...`` (a private user, network and
+mount namespace: root inside, nothing visible outside). It builds three more namespaces with
+``ip netns`` (a private ``/run`` is mounted first so nothing leaks to the host):
+
+    cli 10.0.0.2 --- 10.0.0.1 rtr 203.0.113.1 --- 203.0.113.10 + .11 srv
+
+``srv`` runs a real ``derpkit serve -stun-rfc5780`` (STUN on .10 and .11, ports 3478/3479).
+For each case the router gets an nftables ruleset, then ``derpkit stunc -nat -json`` runs in
+``cli``; one JSON object per case goes to stdout for the test to judge:
+
+* ``eim`` — plain ``masquerade``: Linux keeps one mapping per socket (endpoint-independent),
+  conntrack admits only the exact address replied to (address-and-port-dependent filtering).
+* ``apdm`` — ``masquerade random``: a random port per new flow, i.e. per destination address
+  and port (address-and-port-dependent mapping, a "symmetric" NAT).
+* ``open`` — routing without NAT or filter: no NAT, endpoint-independent filtering.
+* ``fw-apdf`` — no NAT, a stateful firewall (``ct state established``): address-and-port-
+  dependent filtering.
+* ``fw-adf`` — no NAT, a firewall admitting packets to a client socket from any port of an
+  IP that socket has sent to (an nftables set of socket . remote IP, filled by outgoing
+  packets): address-dependent filtering.
+* ``lifetime`` — ``eim`` with conntrack's UDP timeouts cut to 2 s/3 s, and ``-lifetime 6s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SRV1, SRV2, PUBLIC = "203.0.113.10", "203.0.113.11", "203.0.113.1"
+
+RULES = {
+    "eim": """
+table ip nat {
+  chain post { type nat hook postrouting priority 100; oifname "r1" masquerade; }
+}""",
+    "apdm": """
+table ip nat {
+  chain post { type nat hook postrouting priority 100; oifname "r1" masquerade random; }
+}""",
+    "open": "",
+    "fw-apdf": """
+table inet fw {
+  chain forward_filter {
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    iifname "r0" accept
+  }
+}""",
+    "fw-adf": """
+table inet fw {
+  set contacted { type ipv4_addr . inet_service . ipv4_addr; flags dynamic, timeout; timeout 5m; }
+  chain forward_filter {
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    iifname "r0" meta l4proto udp add @contacted { ip saddr . udp sport . ip daddr } accept
+    iifname "r0" accept
+    iifname "r1" meta l4proto udp ip daddr . udp dport . ip saddr @contacted accept
+  }
+}""",
+}
+RULES["lifetime"] = RULES["eim"]
+
+
+def sh(*argv: str, check: bool = True, input: str | None = None) -> str:
+    p = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=30)
+    if check and p.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout
+
+
+def ns(name: str, *argv: str, **kw: object) -> str:
+    return sh("ip", "netns", "exec", name, *argv, **kw)  # type: ignore[arg-type]
+
+
+def build() -> None:
+    sh("mount", "-t", "tmpfs", "none", "/run")
+    os.makedirs("/run/netns", exist_ok=True)
+    for n in ("cli", "rtr", "srv"):
+        sh("ip", "netns", "add", n)
+        ns(n, "ip", "link", "set", "lo", "up")
+    sh("ip", "link", "add", "c0", "type", "veth", "peer", "name", "r0")
+    sh("ip", "link", "add", "r1", "type", "veth", "peer", "name", "s0")
+    for dev, n in (("c0", "cli"), ("r0", "rtr"), ("r1", "rtr"), ("s0", "srv")):
+        sh("ip", "link", "set", dev, "netns", n)
+    for n, dev, addrs in (("cli", "c0", ["10.0.0.2/24"]), ("rtr", "r0", ["10.0.0.1/24"]),
+                          ("rtr", "r1", [f"{PUBLIC}/24"]),
+                          ("srv", "s0", [f"{SRV1}/24", f"{SRV2}/24"])):
+        for a in addrs:
+            ns(n, "ip", "addr", "add", a, "dev", dev)
+        ns(n, "ip", "link", "set", dev, "up")
+    ns("cli", "ip", "route", "add", "default", "via", "10.0.0.1")
+    ns("srv", "ip", "route", "add", "10.0.0.0/24", "via", PUBLIC)  # for the no-NAT cases
+    ns("rtr", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def start_server() -> subprocess.Popen[str]:
+    key = os.path.join(tempfile.mkdtemp(prefix="derpkit-key-"), "derper.key")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", "srv", sys.executable, "-m", "derpkit", "serve", "-c", key,
+         "-a", f"{SRV1}:8080", "-http-port", "-1", "-stun-port", "3478", "-stun-rfc5780", SRV2],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError("derpkit serve exited early")
+        if "DERP on port" in line:
+            return proc
+    raise RuntimeError("derpkit serve did not start")
+
+
+def run_case(case: str) -> dict[str, object]:
+    ns("rtr", "nft", "flush", "ruleset")
+    if RULES[case]:
+        ns("rtr", "nft", "-f", "-", input=RULES[case])
+    extra: list[str] = []
+    if case == "lifetime":
+        for knob, value in (("nf_conntrack_udp_timeout", "2"),
+                            ("nf_conntrack_udp_timeout_stream", "3")):
+            ns("rtr", "sysctl", "-qw", f"net.netfilter.{knob}={value}")
+        extra = ["-lifetime", "6s"]
+    t0 = time.monotonic()
+    p = subprocess.run(
+        ["ip", "netns", "exec", "cli", sys.executable, "-m", "derpkit", "stunc", "-nat",
+         "-json", "-timeout", "1s", *extra, SRV1, "3478"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    doc: dict[str, object] = {"case": case, "rc": p.returncode, "stderr": p.stderr[-2000:],
+                              "seconds": round(time.monotonic() - t0, 2)}
+    try:
+        doc["report"] = json.loads(p.stdout)
+    except ValueError:
+        doc["stdout"] = p.stdout[-2000:]
+    return doc
+
+
+def main(cases: list[str]) -> int:
+    build()
+    server = start_server()
+    try:
+        for case in cases:
+            print(json.dumps(run_case(case)), flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
