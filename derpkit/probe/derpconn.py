@@ -10,17 +10,19 @@ that spreads one HostName over several derpers shows up.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import ssl
 import time
 from dataclasses import dataclass, field
 
-from derpkit.client import DerpClient, DerpConnectionError, DerpTimeoutError
+from derpkit.client import DerpCertificateError, DerpClient, DerpConnectionError, DerpTimeoutError
 from derpkit.protocol.keys import MeshKey
 
-from .diagnose import derp_failure
+from .diagnose import derp_failure, tls_failure
 from .dmap import Node
 from .model import Failed
 
-__all__ = ["ProbeEnv", "connect_node"]
+__all__ = ["ProbeEnv", "connect_node", "presented_leaf", "unverified_context"]
 
 
 @dataclass
@@ -45,6 +47,35 @@ class ProbeEnv:
         return {n: set(d) for n, d in self.server_keys.items()}
 
 
+def _is_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def unverified_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def presented_leaf(host: str, port: int, sni: str | None, timeout: float) -> bytes | None:
+    """The server's leaf certificate, unverified, to explain why verification failed."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port, ssl=unverified_context(), server_hostname=sni)
+    except (OSError, TimeoutError, ssl.SSLError):
+        return None
+    try:
+        obj = writer.get_extra_info("ssl_object")
+        return obj.getpeercert(binary_form=True) if obj is not None else None
+    finally:
+        writer.transport.abort()
+
+
 async def connect_node(node: Node, env: ProbeEnv, *, is_prober: bool, timeout: float) -> DerpClient:
     """A connected, admitted client on ``node``; Failed (with a diagnosis) otherwise."""
     dial = node.dial_host()
@@ -66,6 +97,16 @@ async def connect_node(node: Node, env: ProbeEnv, *, is_prober: bool, timeout: f
             timeout=timeout,
             wait_for_server_info=False,
         )
+    except DerpCertificateError as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            # Explain with the certificate the server presents (its names, dates, pin).
+            leaf = await presented_leaf(dial, node.port, None if _is_ip(node.host_name) else node.host_name,
+                                        min(2.0, timeout))
+            expect = node.cert_name if node.cert_name and not node.cert_name.startswith("sha256-raw:") else node.host_name
+            raise tls_failure(cause, dial, node.port, leaf, expect_name=expect) from None
+        raise derp_failure(e, dial, node.port, stage="connect", mesh_key=env.mesh_key is not None,
+                           timeout=timeout, node=node.name) from None
     except Exception as e:
         raise derp_failure(e, dial, node.port, stage="connect", mesh_key=env.mesh_key is not None,
                            timeout=timeout, node=node.name) from None

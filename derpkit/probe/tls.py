@@ -27,7 +27,7 @@ from typing import Any
 from derpkit.client.tls import parse_pin
 from derpkit.protocol.constants import META_CERT_CN_PREFIX
 
-from .derpconn import ProbeEnv
+from .derpconn import ProbeEnv, _is_ip, presented_leaf, unverified_context
 from .diagnose import _fmt_age, cert_summary, pin_mismatch, tcp_failure, tls_failure
 from .dmap import Node
 from .model import Failed
@@ -54,13 +54,6 @@ def _chain(sslobj: Any) -> list[bytes]:
     return [leaf] if leaf else []
 
 
-def _unverified() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 async def _handshake(host: str, port: int, ctx: ssl.SSLContext, sni: str | None, timeout: float) -> list[bytes]:
     """TCP connect, then TLS; Failed with the right diagnosis for each step."""
     try:
@@ -76,14 +69,6 @@ async def _handshake(host: str, port: int, ctx: ssl.SSLContext, sni: str | None,
         writer.transport.abort()
 
 
-async def _presented(host: str, port: int, sni: str | None, timeout: float) -> bytes | None:
-    """The leaf certificate without verification, to explain a verification failure."""
-    with contextlib.suppress(Exception):
-        chain = await _handshake(host, port, _unverified(), sni, timeout)
-        return chain[0] if chain else None
-    return None
-
-
 async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]:
     host = node.dial_host() or node.host_name
     port = node.port
@@ -91,7 +76,7 @@ async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]
     check_name = node.cert_name if node.cert_name and pin is None else node.host_name
     sni = None if _is_ip(node.host_name) else node.host_name
     if pin is not None or node.insecure_for_tests:
-        ctx = _unverified()
+        ctx = unverified_context()
     else:
         ctx = ssl.create_default_context()
     server_hostname = sni if ctx.verify_mode == ssl.CERT_NONE else check_name
@@ -104,7 +89,7 @@ async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]
     except ssl.SSLError as e:
         presented = None
         if isinstance(e, ssl.SSLCertVerificationError):
-            presented = await _presented(host, port, sni, max(0.5, deadline - loop.time()))
+            presented = await presented_leaf(host, port, sni, max(0.5, deadline - loop.time()))
         raise tls_failure(e, host, port, presented, expect_name=check_name) from None
     except (OSError, TimeoutError, EOFError) as e:
         raise tls_failure(e, host, port, None, expect_name=check_name) from None
@@ -114,16 +99,6 @@ async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]
     if pin is not None and hashlib.sha256(leaf).digest() != pin:
         raise pin_mismatch(host, port, node.cert_name, leaf)
     return _check_dates(chain, env, node)
-
-
-def _is_ip(s: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_dates(chain: list[bytes], env: ProbeEnv, node: Node) -> dict[str, Any]:

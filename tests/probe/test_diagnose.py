@@ -128,6 +128,10 @@ async def test_expired_and_not_yet_valid_certificates(tmp_path: Path, ca: TestCA
         ra, rb = result(p, "derp/lab/900a/tls"), result(p, "derp/lab/900b/tls")
         assert not ra.ok and ra.diagnosis.startswith("certificate expired 3 days ago"), ra
         assert not rb.ok and rb.diagnosis.startswith("certificate not valid until"), rb
+        # The DERP connection of a mesh probe is explained with the same certificate facts.
+        p = await probe_once(tmp_path, dmap((900, "lab", [node("900a", a.port)])), "-tls-interval", "0")
+        m = result(p, "derp/lab/900a/900a/mesh")
+        assert not m.ok and m.diagnosis.startswith("certificate expired 3 days ago"), m
         assert re.search(r"\(in 4[78] hours\)", rb.diagnosis), rb
 
 
