@@ -110,11 +110,21 @@ class CaseContext:
                 if not fut.done():
                     fut.set_exception(exc)
 
-        transport, _ = await loop.create_datagram_endpoint(_P, family=fam, remote_addr=addr[:2])
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(addr[:2])
+        except OSError as e:
+            sock.close()
+            raise Fail(f"STUN {host}:{port}: {e.strerror or e}") from None
+        transport, _ = await loop.create_datagram_endpoint(_P, sock=sock)
         self._socks.append(transport)
         self.log.add(label, "send", "udp", len=len(datagram), hex=datagram[:64].hex())
-        local = transport.get_extra_info("sockname")[:2]
-        transport.sendto(datagram)
+        local = sock.getsockname()[:2]
+        if datagram:
+            transport.sendto(datagram)
+        else:
+            sock.send(b"")  # asyncio's sendto() silently skips empty datagrams
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(timeout):

@@ -37,7 +37,7 @@ def summary(r: Run) -> str:
 
 async def test_whole_suite_passes(server: servers.Server) -> None:
     t0 = time.monotonic()
-    r = await run(select(), server.target(), jobs=4)
+    r = await run(select(), server.target(), strict=True, jobs=4)
     took = time.monotonic() - t0
     assert not r.failed, summary(r)
     by_id = {x.case.id: x for x in r.results}
@@ -53,7 +53,7 @@ async def test_whole_suite_passes(server: servers.Server) -> None:
 
 async def test_mesh_cases_without_the_key(server: servers.Server) -> None:
     """Without --mesh-key-file the privileged cases SKIP and the refusals still PASS."""
-    r = await run(select(["mesh"]), server.target(mesh=False), jobs=4)
+    r = await run(select(["mesh"]), server.target(mesh=False), strict=True, jobs=4)
     res = {x.case.id: x.result for x in r.results}
     assert {i for i, v in res.items() if v is Result.PASS} == {"mesh/1", "mesh/2", "mesh/3", "mesh/4"}, summary(r)
     assert all(v is Result.SKIP for i, v in res.items() if i not in {"mesh/1", "mesh/2", "mesh/3", "mesh/4"})

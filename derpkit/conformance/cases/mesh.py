@@ -91,23 +91,35 @@ async def present_then_gone(ctx: CaseContext) -> str:
     return "PeerPresent(C), then PeerGone(C, Disconnected)"
 
 
-@case("mesh/7", "PeerPresent carries the client's address and IsRegular", level=Level.SHOULD, section="derp-protocol §3.9",
-      quote="The current Go server always sends 51 bytes … IP: the client's remote address … Flags … IsRegular: none of the bits below applies",
-      needs=MESH)
-async def present_fields(ctx: CaseContext) -> str:
+async def _present_of_c(ctx: CaseContext) -> tuple[PeerPresent, tuple[str, int] | None]:
     w = await ctx.conn("watcher", mesh=True, watch_conns=True)
     await w.expect(PeerPresent, where=lambda p: p.key == w.key.raw, what="the watcher's own PeerPresent")
     c = await ctx.conn("C")
     p = await w.expect(PeerPresent, where=lambda p: p.key == c.key.raw, what="PeerPresent for C")
+    return p, c.local_addr
+
+
+@case("mesh/7", "PeerPresent is 51 bytes and flags a plain client IsRegular", level=Level.SHOULD, section="derp-protocol §3.9",
+      quote="The current Go server always sends 51 bytes … Flags … IsRegular 0x01: none of the bits below applies",
+      needs=MESH)
+async def present_fields(ctx: CaseContext) -> str:
+    p, _ = await _present_of_c(ctx)
     lens = [e["len"] for e in ctx.log.entries if e.get("conn") == "watcher" and e.get("type") == "PeerPresent"]
     if 51 not in lens:
         raise Fail(f"PeerPresent payload lengths {sorted(set(lens))}, want 51")
-    local = c.local_addr
-    if local is not None and (p.ip != ipaddress.ip_address(local[0]) or p.port != local[1]):
-        raise Fail(f"PeerPresent says {p.ip}:{p.port}, C is at {local[0]}:{local[1]}")
     if p.flags != PeerPresentFlags.IS_REGULAR:
         raise Fail(f"flags 0x{p.flags:02x}, want 0x01 (IsRegular)")
-    return f"51 bytes, {p.ip}:{p.port}, IsRegular"
+    return "51 bytes, IsRegular"
+
+
+@case("mesh/15", "PeerPresent carries the client's address as the server sees it", level=Level.SHOULD, section="derp-protocol §3.9",
+      quote="IP: the client's remote address in 16-byte form. IPv4 is written IPv4-mapped … Port: big-endian uint16 remote port.",
+      needs=MESH)
+async def present_address(ctx: CaseContext) -> str:
+    p, local = await _present_of_c(ctx)
+    if local is not None and (p.ip != ipaddress.ip_address(local[0]) or p.port != local[1]):
+        raise Fail(f"PeerPresent says {p.ip}:{p.port}, C is at {local[0]}:{local[1]}")
+    return f"{p.ip}:{p.port}"
 
 
 @case("mesh/8", "ForwardPacket with the mesh key delivers with the original source", level=Level.MUST, section="derp-protocol §6.4",

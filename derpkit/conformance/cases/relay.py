@@ -153,7 +153,9 @@ async def reply(ctx: CaseContext) -> str:
     assert p.src is not None
     b.send(p.src, b"pong!")
     q = await a.expect(RecvPacket, what="B's answer")
-    if q.src != b.key.raw or q.data != b"pong!":
+    if q.src != b.key.raw:
+        raise Fail(f"A's first packet is not B's answer but one from {q.src.hex()[:16] if q.src else '?'}… ({q.data[:8]!r})")
+    if q.data != b"pong!":
         raise Fail("B's answer arrived changed")
     return "round trip through the source key"
 
