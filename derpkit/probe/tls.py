@@ -98,7 +98,9 @@ async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]
     leaf = chain[0]
     if pin is not None and hashlib.sha256(leaf).digest() != pin:
         raise pin_mismatch(host, port, node.cert_name, leaf)
-    return _check_dates(chain, env, node)
+    details = _check_dates(chain, env, node)
+    await check_crl(chain, max(0.5, deadline - loop.time()))
+    return details
 
 
 def _check_dates(chain: list[bytes], env: ProbeEnv, node: Node) -> dict[str, Any]:
@@ -150,3 +152,89 @@ def _check_dates(chain: list[bytes], env: ProbeEnv, node: Node) -> dict[str, Any
     if problems:
         raise Failed("\n".join(p[0] for p in problems), "; ".join(p[1] for p in problems), **details)
     return details
+
+
+# --- revocation (CRL, as derpprobe) -----------------------------------------------------------
+
+#: Let's Encrypt leaves issued from this day on must name a CRL (derpprobe.md §2.2).
+LE_CRL_REQUIRED = dt.datetime(2025, 5, 7, tzinfo=dt.UTC)
+_MAX_CRL = 10 << 20
+#: url -> (CRL DER, time.time() until which it may be reused: its NextUpdate).
+_crl_cache: dict[str, tuple[bytes, float]] = {}
+
+
+async def _fetch_crl(url: str, timeout: float) -> bytes:
+    import time
+
+    import aiohttp
+
+    hit = _crl_cache.get(url)
+    if hit is not None and hit[1] > time.time():
+        return hit[0]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if r.status != 200:
+                raise ValueError(f"fetching {url}: HTTP {r.status}")
+            return await r.content.read(_MAX_CRL)
+
+
+async def check_crl(chain: list[bytes], timeout: float) -> None:
+    """Fail if the leaf is revoked by the first CRL it names (the CRL is cached until NextUpdate).
+
+    As derpprobe: no CRL distribution point is fine, except for a Let's Encrypt leaf issued
+    since 2025-05-07. Every problem is ``CRL verification failed for <subject>: <detail>``.
+    """
+    import aiohttp
+    from cryptography import x509
+
+    certs = []
+    for der in chain:
+        with contextlib.suppress(ValueError):
+            certs.append(x509.load_der_x509_certificate(der))
+    if not certs:
+        return
+    leaf = certs[0]
+    subject = leaf.subject.rfc4514_string()
+    try:
+        dps = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        urls = [n.value for dp in dps for n in (dp.full_name or []) if isinstance(n, x509.UniformResourceIdentifier)]
+    except x509.ExtensionNotFound:
+        urls = []
+    if not urls:
+        org = leaf.issuer.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+        if org and org[0].value == "Let's Encrypt" and leaf.not_valid_before_utc >= LE_CRL_REQUIRED:
+            raise Failed(f"no CRL server presented in leaf cert for {subject}",
+                         "a Let's Encrypt certificate without a CRL URL: re-issue it")
+        return
+
+    def fail(detail: str, why: str) -> Failed:
+        return Failed(f"CRL verification failed for {subject}: {detail}", why)
+
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        aki = None
+    issuer = None
+    for c in certs[1:]:
+        with contextlib.suppress(x509.ExtensionNotFound):
+            if c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == aki:
+                issuer = c
+    if issuer is None:
+        raise fail("issuer certificate not in the chain the server sent",
+                   "the server does not send its intermediate certificate, so the CRL cannot be checked "
+                   "(serve the full chain: fullchain.pem)")
+    try:
+        data = await _fetch_crl(urls[0], timeout)
+        crl = x509.load_der_x509_crl(data) if data[:1] == b"\x30" else x509.load_pem_x509_crl(data)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+        raise fail(f"{e or type(e).__name__}", f"the certificate's CRL at {urls[0]} could not be read: {e}") from None
+    if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+        raise fail("CRL signature invalid", f"the CRL at {urls[0]} is not signed by the certificate's issuer")
+    nxt = crl.next_update_utc
+    if nxt is not None:
+        _crl_cache[urls[0]] = (data, nxt.timestamp())
+    revoked = crl.get_revoked_certificate_by_serial_number(leaf.serial_number)
+    if revoked is not None:
+        when = revoked.revocation_date_utc
+        raise fail(f"cert for {subject} has been revoked on {when:%Y-%m-%d %H:%M:%S} UTC",
+                   f"the certificate was revoked by its CA on {when:%Y-%m-%d}: issue a new one")

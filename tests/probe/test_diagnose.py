@@ -302,3 +302,42 @@ async def test_port80_answering_204_gives_no_warning(tmp_path: Path, localhost_l
         assert not any("CanPort80" in x for x in p.all_warnings()), p.all_warnings()
     finally:
         await runner.cleanup()
+
+
+async def test_crl_revoked_leaf_fails_unrevoked_passes_missing_issuer_explained(tmp_path: Path, ca: TestCA) -> None:
+    from cryptography import x509
+
+    from .helpers import crl
+
+    served: dict[str, bytes] = {}
+
+    async def crl_handler(request: web.Request) -> web.Response:
+        return web.Response(body=served[request.match_info["n"]])
+
+    app = web.Application()
+    app.router.add_get("/{n}.crl", crl_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        bad = issue(ca, tmp_path / "c", "revoked", ["localhost"], crl_url=base + "/a.crl", fullchain=True)
+        ok = issue(ca, tmp_path / "c", "fine", ["localhost"], crl_url=base + "/b.crl", fullchain=True)
+        lone = issue(ca, tmp_path / "c", "lone", ["localhost"], crl_url=base + "/b.crl")
+        serial = x509.load_der_x509_certificate(bad.der).serial_number
+        served["a"] = crl(ca, [serial])
+        served["b"] = crl(ca, [serial + 1])
+        async with derp_node(ssl_context=bad.server_context(), stun_port=None) as a, \
+                derp_node(ssl_context=ok.server_context(), stun_port=None) as b, \
+                derp_node(ssl_context=lone.server_context(), stun_port=None) as c:
+            m = dmap((900, "lab", [node("900a", a.port), node("900b", b.port), node("900c", c.port)]))
+            p = await probe_once(tmp_path, m, "-mesh-interval", "0")
+        ra = result(p, "derp/lab/900a/tls")
+        assert not ra.ok and ra.error.startswith("CRL verification failed for ") and "has been revoked on" in ra.error, ra
+        assert "revoked by its CA" in ra.diagnosis
+        assert result(p, "derp/lab/900b/tls").ok
+        rc = result(p, "derp/lab/900c/tls")
+        assert not rc.ok and "does not send its intermediate certificate" in rc.diagnosis, rc
+    finally:
+        await runner.cleanup()
