@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,8 @@ table inet fw {
 }""",
 }
 RULES["lifetime"] = RULES["eim"]
+#: Cases where coturn's turnutils_natdiscovery also runs from the client, as a second opinion.
+COTURN_CASES = ("eim", "apdm", "fw-adf")
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> str:
@@ -141,6 +144,14 @@ def run_case(case: str) -> dict[str, object]:
         doc["report"] = json.loads(p.stdout)
     except ValueError:
         doc["stdout"] = p.stdout[-2000:]
+    if case in COTURN_CASES and shutil.which("turnutils_natdiscovery"):
+        t0 = time.monotonic()
+        nd = subprocess.run(
+            ["ip", "netns", "exec", "cli", "turnutils_natdiscovery", "-m", "-f", "-p", "3478",
+             SRV1], capture_output=True, text=True, timeout=60,
+        )
+        doc["natdiscovery"] = nd.stdout + nd.stderr
+        doc["natdiscovery_seconds"] = round(time.monotonic() - t0, 2)
     return doc
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def reports() -> dict[str, dict[str, Any]]:
     for line in p.stdout.splitlines():
         doc = json.loads(line)
         assert doc["rc"] == 0, doc
-        out[doc["case"]] = doc["report"]
+        out[doc["case"]] = {**doc["report"], "_natdiscovery": doc.get("natdiscovery")}
     assert set(out) == set(CASES), p.stdout
     return out
 
@@ -103,3 +104,24 @@ def test_mapping_lifetime_is_bounded_by_conntrack_timeout(reports: dict[str, Any
     assert r["lifetime_min_s"] < r["lifetime_max_s"] and r["lifetime_monotonic"]
     assert "6 s gone" in r["lifetime_detail"]
     assert "An idle mapping lives between" in r["verdict"]
+
+
+COTURN_WORDS = {
+    "endpoint-independent": "Endpoint Independent",
+    "address-dependent": "Address Dependent",
+    "address-and-port-dependent": "Address and Port Dependent",
+}
+
+
+@pytest.mark.parametrize("case", ["eim", "apdm", "fw-adf"])
+def test_coturn_natdiscovery_agrees(reports: dict[str, Any], case: str) -> None:
+    """coturn's turnutils_natdiscovery, run from the same client namespace against the same
+    server, reaches the same mapping and filtering verdicts and sees the same public IP."""
+    r = reports[case]
+    nd = r["_natdiscovery"]
+    if nd is None:
+        _missing("turnutils_natdiscovery not installed (apt-get install coturn)")
+    assert f"NAT with {COTURN_WORDS[r['mapping']]} Mapping!" in nd, nd
+    assert f"NAT with {COTURN_WORDS[r['filtering']]} Filtering!" in nd, nd
+    theirs = {a.rsplit(":", 1)[0] for a in re.findall(r"UDP reflexive addr: (\S+)", nd)}
+    assert theirs == {r["mapped_addr"].rsplit(":", 1)[0]}, nd

@@ -197,3 +197,44 @@ def test_nat_against_silence_is_one_clear_line() -> None:
         p = stunc("-nat", "-timeout", "300ms", A1, str(s.getsockname()[1]))
     assert p.returncode == 1
     assert p.stderr.count("\n") == 1 and "to a plain or a Tailscale-shaped request" in p.stderr
+
+
+# --- Tailscale's own programs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def go_derper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.goderper import start_derper
+
+    d = start_derper(tmp_path_factory.mktemp("derper"))
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_real_go_derper_ignores_plain_and_stunc_says_so(go_derper: Any, coturn: int) -> None:
+    """The claim behind the silence hint, against Tailscale's derper itself: a plain request
+    gets nothing, the Tailscale-shaped retry gets the answer, and -nat still measures the
+    mapping with Tailscale-shaped requests plus another server."""
+    port = str(go_derper.stun_port)
+    p = stunc("-plain", "-timeout", "500ms", A1, port)
+    assert p.returncode == 0, p.stderr
+    assert "ignored the plain RFC 5389 request but answered a Tailscale-shaped one" in p.stderr
+    assert re.search(rf"stun addr: {A1}:\d+\n\Z", p.stderr), p.stderr
+    doc = nat_json("-nat-servers", f"{A2}:{coturn}", A1, port)
+    assert doc["rfc5780"] is False and doc["mapping"] == "endpoint-independent"
+    first = doc["observations"][0]
+    assert first["server"] == f"{A1}:{port}" and first["other_address"] is None
+
+
+def test_go_stunc_against_rfc5780_serve(serve: tuple[int, int]) -> None:
+    """Go's stunc gets derper's exact answer from every socket of the RFC 5780 server."""
+    from tests.goderper import require_go_tool
+
+    go_stunc = require_go_tool("stunc")
+    for ip, port in ((A1, serve[0]), (A1, serve[1]), (A2, serve[0]), (A2, serve[1])):
+        p = subprocess.run([go_stunc, ip, str(port)], capture_output=True, text=True, timeout=20)
+        assert p.returncode == 0, p.stderr
+        assert re.search(rf"sent addr: {re.escape(ip)}:{port}\n.*stun addr: 127\.0\.0\.1:\d+",
+                         p.stderr, re.S), p.stderr
