@@ -231,3 +231,25 @@ def test_status_page_in_headless_chromium(monitor: Monitor, tmp_path: Path) -> N
     assert any(len(p.get("points", "").split()) >= 2 for p in r.polylines)
     assert r.fail_marks >= 2
     assert "cdn" not in dom.lower() and "<script" not in dom.lower()
+
+
+def test_broken_map_source_keeps_last_good_map_and_goes_stale(monitor: Monitor) -> None:
+    """Last in this module: it breaks the monitor's map file."""
+    before = {r["Name"] for r in json.loads(get(monitor.base + "/status.json")[2])["results"]}
+    monitor.map_path.write_text("{not json")
+    deadline = time.monotonic() + 20
+    while True:
+        status, _, body = get(monitor.base + "/readyz")
+        reasons = json.loads(body)["reasons"]
+        if any(r.startswith("DERP map is ") and "stale after 4 s" in r for r in reasons):
+            break
+        assert time.monotonic() < deadline, reasons
+        time.sleep(0.3)
+    assert status == 503
+    assert any(r.startswith("derpmap-probe: the DERP map could not be loaded: decoding ") and
+               "still probing the last good map" in r for r in reasons), reasons
+    s = json.loads(get(monitor.base + "/status.json")[2])
+    assert {r["Name"] for r in s["results"]} == before  # node probes kept
+    assert s["map"]["last_error"].startswith("decoding ")
+    fams = {f.name: f for f in text_string_to_metric_families(get(monitor.base + "/debug/varz")[2])}
+    assert fams["derpkit_derpmap_age_seconds"].samples[0].value > 4
