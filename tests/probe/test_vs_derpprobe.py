@@ -162,3 +162,78 @@ def test_once_passes_go_derper_with_verify_clients_only_with_the_mesh_key(
     assert verdicts(ours) == verdicts(theirs), (ours.output, theirs.output)
     assert verdicts(ours)["derp/go/901a/901a/mesh"] == "bad" and ours.returncode == 1
     assert "give the prober the mesh key (-mesh-psk-file)" in why(ours.output, "derp/go/901a/901a/mesh"), ours.output
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory: pytest.TempPathFactory, ca: TestCA, localhost_leaf: Leaf) -> Iterator[str]:
+    """One broken node per region, each a real program: a plain HTTP server where TLS should be
+    (python -m http.server), a TLS web server that is not derper (openssl s_server -www, as an
+    HTTP proxy in front would look), derpkit serve with STUN off, and derpkit serve with an
+    expired certificate."""
+    import datetime as dt
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import issue
+
+    d = tmp_path_factory.mktemp("broken")
+    procs: list[subprocess.Popen[bytes]] = []
+    serves: list[Serve] = []
+    try:
+        plain = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(plain)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=d))
+        openssl = shutil.which("openssl")
+        assert openssl, "openssl NOT INSTALLED"
+        web_port = free_port()
+        leaf = ca.issue("weblocal", ["localhost"], ["127.0.0.1"])
+        procs.append(subprocess.Popen([openssl, "s_server", "-quiet", "-accept", f"127.0.0.1:{web_port}",
+                                       "-cert", str(leaf.cert_path), "-key", str(leaf.key_path), "-www"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE))
+        nostun_port = free_port()
+        serves.append(start_serve(d / "nostun", "-a", f"localhost:{nostun_port}", "-stun=false", "-http-port", "-1",
+                                  "-certmode", "manual", "-hostname", "localhost", "-certdir", str(ca.dir)))
+        exp_port = free_port()
+        expdir = d / "expired"
+        issue(ca, expdir, "localhost", ["localhost"], not_before=dt.timedelta(days=-40), not_after=dt.timedelta(days=-2))
+        serves.append(start_serve(d / "exp", "-a", f"localhost:{exp_port}", "-stun=false", "-http-port", "-1",
+                                  "-certmode", "manual", "-hostname", "localhost", "-certdir", str(expdir)))
+        for port in (plain, web_port):
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"port {port} never listened"
+                    time.sleep(0.05)
+        m = dmap((910, "plain", [node("910a", plain)]), (911, "web", [node("911a", web_port)]),
+                 (912, "nostun", [node("912a", nostun_port, stun=free_port(socket.SOCK_DGRAM))]),
+                 (913, "exp", [node("913a", exp_port)]))
+        yield "file://" + write(d, m)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(5)
+        for s in serves:
+            s.stop()
+
+
+def test_same_verdicts_as_derpprobe_on_broken_nodes(broken: str) -> None:
+    derpprobe = require_go_tool("derpprobe")
+    args = ["-once", "-derp-map", broken, *FAST]
+    with ThreadPoolExecutor(2) as pool:
+        f_ours, f_go = pool.submit(run_ours, *args), pool.submit(run_go, derpprobe, *args)
+        ours, go = f_ours.result(), f_go.result()
+    v_ours, v_go = verdicts(ours), verdicts(go)
+    assert v_ours == v_go, (ours.output, go.output)
+    assert {n for n, v in v_ours.items() if v == "good"} == {"derpmap-probe", "derp/web/911a/tls",
+                                                            "derp/nostun/912a/tls", "derp/nostun/912a/912a/mesh"}
+    assert ours.returncode == go.returncode == 1
+    assert "does not speak TLS (plain HTTP?)" in why(ours.output, "derp/plain/910a/tls")
+    assert why(ours.output, "derp/web/911a/911a/mesh").startswith("TLS is fine but GET /derp answered HTTP 200")
+    assert why(ours.output, "derp/nostun/912a/udp").startswith("STUN port unreachable")
+    assert why(ours.output, "derp/exp/913a/tls").startswith("certificate expired 2 days ago")
+    assert why(ours.output, "derp/exp/913a/913a/mesh").startswith("certificate expired 2 days ago")
