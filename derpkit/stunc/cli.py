@@ -20,6 +20,7 @@ import asyncio
 import json
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -139,11 +140,6 @@ def _defaults() -> str:
     return "\n".join(out) + "\n"
 
 
-_BOOL_FLAGS = {  # flag -> is it a bool flag
-    "4": True, "6": True, "json": True, "plain": True, "nat": True,
-    "timeout": False, "count": False, "interval": False, "retries": False,
-    "nat-servers": False, "lifetime": False,
-}  # fmt: skip
 
 
 def _server_list(text: str) -> list[tuple[str, int]]:
@@ -171,6 +167,24 @@ def _server_list(text: str) -> list[tuple[str, int]]:
     return out
 
 
+#: flag -> (Options attribute, Go parser); -4/-6 land on v4/v6 and become ``family``.
+_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "json": ("json", parse_bool),
+    "plain": ("plain", parse_bool),
+    "nat": ("nat", parse_bool),
+    "4": ("v4", parse_bool),
+    "6": ("v6", parse_bool),
+    "timeout": ("timeout", parse_duration_seconds),
+    "interval": ("interval", parse_duration_seconds),
+    "lifetime": ("lifetime", parse_duration_seconds),
+    "nat-servers": ("nat_servers", _server_list),
+    "retries": ("retries", parse_int),
+    "count": ("count", parse_int),  # Go's flag.Int: strconv.ParseInt(s, 0, 64)
+}
+_BOOL_FLAGS = {name: parse is parse_bool for name, (_attr, parse) in _PARSERS.items()}
+_MINIMUM = {"count": 1, "retries": 0, "interval": 0, "lifetime": 0}
+
+
 def parse_args(argv: list[str]) -> Options:
     """Go ``flag`` grammar: ``-f v``, ``-f=v``, ``--f v``; flags stop at the first positional."""
     opts = Options()
@@ -178,42 +192,22 @@ def parse_args(argv: list[str]) -> Options:
     v4 = v6 = False
     try:
         for name, text, is_bool in scan_flags(argv, _BOOL_FLAGS.get, rest):
+            attr, parse = _PARSERS[name]
             try:
-                if name == "json":
-                    opts.json = parse_bool(text)
-                elif name == "plain":
-                    opts.plain = parse_bool(text)
-                elif name == "nat":
-                    opts.nat = parse_bool(text)
-                elif name == "4":
-                    v4 = parse_bool(text)
-                elif name == "6":
-                    v6 = parse_bool(text)
-                elif name == "timeout":
-                    opts.timeout = parse_duration_seconds(text)
-                elif name == "interval":
-                    opts.interval = parse_duration_seconds(text)
-                elif name == "lifetime":
-                    opts.lifetime = parse_duration_seconds(text)
-                elif name == "nat-servers":
-                    opts.nat_servers = _server_list(text)
-                elif name == "retries":
-                    opts.retries = parse_int(text)
-                else:
-                    opts.count = parse_int(text)  # Go's flag.Int: strconv.ParseInt(s, 0, 64)
+                value = parse(text)
             except (GoValueError, ValueError):
                 raise flag_value_error(name, text, "parse error", is_bool=is_bool) from None
-            for flag, value, low in (
-                ("count", opts.count, 1),
-                ("retries", opts.retries, 0),
-                ("interval", opts.interval, 0),
-                ("lifetime", opts.lifetime, 0),
-            ):
-                if name == flag and value < low:
-                    raise UsageError(
-                        f"invalid value {go_quote(text)} for flag -{flag}: must be at least {low}",
-                        2,
-                    )
+            low = _MINIMUM.get(name)
+            if low is not None and value < low:
+                raise UsageError(
+                    f"invalid value {go_quote(text)} for flag -{name}: must be at least {low}", 2
+                )
+            if attr == "v4":
+                v4 = value
+            elif attr == "v6":
+                v6 = value
+            else:
+                setattr(opts, attr, value)
     except FlagHelp:
         raise UsageError("", 0) from None
     except FlagError as e:
