@@ -195,6 +195,8 @@ def _check(o: Options) -> None:
             ipaddress.IPv4Address(o.bw_tun_ipv4_addr)
         except ValueError:
             raise UsageError(f"-bw-tun-ipv4-addr {o.bw_tun_ipv4_addr!r} is not an IPv4 address") from None
+        raise UsageError("-bw-tun-ipv4-addr: TCP-in-TCP bandwidth probes over a TUN device are not implemented "
+                         "in derpkit probe; leave it unset for direct bandwidth probes (-bw-interval)", 1)
     if o.secrets_url:
         from derpkit.server.admission.setec import check_url
 

@@ -43,6 +43,13 @@ CONTINUOUS_PAUSE = 10.0
 GUARD = 0.5
 
 
+def one_line(text: str, limit: int = 400) -> str:
+    """A failure as one line: joined lines (an HTML body, several certificate problems), capped."""
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    line = " | ".join(parts)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def spread_fraction(name: str) -> float:
     """A stable number in [0, 1) for ``name``."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") / 2**64
@@ -148,7 +155,8 @@ class Prober:
                         details = await p.fn(p) or {}
                 out = Outcome(True, start, time.time(), time.monotonic() - t0, details=details)
             except Failed as e:
-                out = Outcome(False, start, time.time(), time.monotonic() - t0, e.error, e.diagnosis, dict(e.details))
+                out = Outcome(False, start, time.time(), time.monotonic() - t0, one_line(e.error),
+                              one_line(e.diagnosis), dict(e.details))
             except TimeoutError:
                 out = Outcome(False, start, time.time(), time.monotonic() - t0, "timeout: context deadline exceeded",
                               f"the probe did not finish within its {p.timeout:g} s deadline (80% of the interval)")

@@ -48,6 +48,12 @@ def test_bad_flags_name_the_flag(argv: list[str], message: str) -> None:
     assert message in str(e.value) and e.value.code == 2
 
 
+def test_tun_mode_is_refused_plainly() -> None:
+    with pytest.raises(UsageError, match="TUN device are not implemented") as e:
+        parse_args(["-bw-tun-ipv4-addr", "10.9.0.1"])
+    assert e.value.code == 1
+
+
 def test_cli_bad_flag_is_one_line_exit_2() -> None:
     p = subprocess.run([sys.executable, "-m", "derpkit", "probe", "-tls-interval", "soon"],
                        capture_output=True, text=True, timeout=30)
