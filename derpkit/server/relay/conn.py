@@ -22,10 +22,11 @@ import functools
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from derpkit.protocol import frames as F
-from derpkit.protocol.connection import ServerConnection, ServerState
+from derpkit.protocol.connection import ServerConnection, ServerPolicy, ServerState
 from derpkit.protocol.constants import KEY_LEN, FrameType, PeerGoneReason, PeerPresentFlags
 from derpkit.protocol.errors import ProtocolError
 from derpkit.protocol.events import (
@@ -40,9 +41,52 @@ from derpkit.protocol.keys import NodePublic
 from derpkit.server.metrics import WRITE_BATCH_SLOTS, tls_version_label
 
 if TYPE_CHECKING:
-    from .derp import DerpServer
+    from derpkit.server.metrics import Stats
 
 log = logging.getLogger("derpkit.server")
+
+
+class Relay(Protocol):
+    """Everything a connection shell may ask of the relay it belongs to.
+
+    ``DerpServer`` is the one implementation; the shell holds it only through this view,
+    so what a connection can touch of the shared state is written down here and nowhere
+    else (the registry, the forwarder table and the watcher set are not in it).
+    """
+
+    policy: ServerPolicy  # the settings the protocol core reads (keys, timers, limits)
+    stats: Stats  # counters the shell adds to (accepts, drops, errors, TLS versions)
+    queue_depth: int  # packets held per client while its socket is not writable
+    debug_logs: bool  # DERP_DEBUG_LOGS: one line per ordinary close
+    #: admission (verify-clients and friends): None admits everyone
+    admit: Callable[[NodePublic, ClientInfo, tuple[str, int] | None], Awaitable[str | None]] | None
+
+    def attach(self, conn: ClientConn) -> None:
+        """An accepted connection, before its handshake (counted, closed on shutdown)."""
+
+    def detach(self, conn: ClientConn) -> None:
+        """The connection is gone, whether or not it ever registered."""
+
+    def register(self, conn: ClientConn) -> None:
+        """Admitted: packets to its key now reach it (and watchers hear it is present)."""
+
+    def unregister(self, conn: ClientConn) -> None:
+        """It left after registering: PeerGone for those it sent to, watchers told."""
+
+    def route_packet(self, src: ClientConn, payload: bytes) -> None:
+        """A SendPacket's body (destination key + packet) from ``src``."""
+
+    def route_forwarded(self, via: ClientConn, src: bytes, dst: bytes, data: bytes) -> None:
+        """A ForwardPacket from a mesh peer."""
+
+    def note_activity(self, conn: ClientConn) -> None:
+        """A frame from one of several connections with one key: it becomes the active one."""
+
+    def add_watcher(self, conn: ClientConn) -> None:
+        """A mesh peer's WatchConns."""
+
+    def close_peer(self, key: bytes) -> None:
+        """A mesh peer's ClosePeer."""
 
 _PEER_GONE_HDR = F.header(FrameType.PEER_GONE, KEY_LEN + 1)
 _RUNNING = ServerState.RUNNING
@@ -70,7 +114,7 @@ class ClientConn(asyncio.Protocol):
 
     def __init__(
         self,
-        server: DerpServer,
+        server: Relay,
         remote: tuple[str, int] | None,
         *,
         not_ideal: bool = False,
@@ -146,7 +190,7 @@ class ClientConn(asyncio.Protocol):
         self.transport = transport
         if hasattr(transport, "set_write_buffer_limits"):
             transport.set_write_buffer_limits(high=256 * 1024)
-        self.server.conns.add(self)
+        self.server.attach(self)
         stats = self.server.stats
         stats.accepts += 1
         # derper counts the /derp request by TLS version and keeps it "active" for the
@@ -209,7 +253,7 @@ class ClientConn(asyncio.Protocol):
         # before the flush): like derper draining its queues, they are gone_disconnected.
         self._drop_batch("gone_disconnected")
         self._out = None
-        self.server.conns.discard(self)
+        self.server.detach(self)
         if self._tls_label is not None:
             stats.tls_active_version[self._tls_label] -= 1
             self._tls_label = None
@@ -360,7 +404,6 @@ class ClientConn(asyncio.Protocol):
         server.register(self)
         self._registered = True
         events = self.core.admit(time.monotonic())
-        server.rtt.add(self)
         self._arm()
         if events:
             self._events(events)

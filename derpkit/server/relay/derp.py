@@ -123,7 +123,14 @@ class DerpServer:
 
     # ------------------------------------------------------------------ registration
 
+    def attach(self, conn: ClientConn) -> None:
+        self.conns.add(conn)
+
+    def detach(self, conn: ClientConn) -> None:
+        self.conns.discard(conn)
+
     def register(self, conn: ClientConn) -> None:
+        self.rtt.add(conn)
         key = conn.key_raw
         cs = self.clients.get(key)
         if cs is None:
