@@ -341,3 +341,14 @@ async def test_crl_revoked_leaf_fails_unrevoked_passes_missing_issuer_explained(
         assert not rc.ok and "does not send its intermediate certificate" in rc.diagnosis, rc
     finally:
         await runner.cleanup()
+
+
+async def test_two_nodes_of_a_region_not_meshed(tmp_path: Path, localhost_leaf: Leaf) -> None:
+    async with derp_node(ssl_context=localhost_leaf.server_context(), stun_port=None) as a, \
+            derp_node(ssl_context=localhost_leaf.server_context(), stun_port=None) as b:
+        p = await probe_once(tmp_path, dmap((900, "lab", [node("900a", a.port), node("900b", b.port)])),
+                             "-tls-interval", "0")
+        assert result(p, "derp/lab/900a/900a/mesh").ok and result(p, "derp/lab/900b/900b/mesh").ok
+        r = result(p, "derp/lab/900a/900b/mesh")
+        assert not r.ok and r.diagnosis.startswith("900a did not forward to 900b within"), r
+        assert "the two nodes are not meshed" in r.diagnosis
