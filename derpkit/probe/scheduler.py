@@ -66,6 +66,7 @@ class Prober:
         self._specs: dict[str, ProbeSpec] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sem = asyncio.Semaphore(opts.concurrency)
+        self._locks: dict[str, asyncio.Lock] = {}
         self.warnings: list[str] = []
         self.node_warnings: list[str] = []
         self.started = time.time()
@@ -136,8 +137,13 @@ class Prober:
     # --- one run -------------------------------------------------------------------------------
 
     async def run(self, p: Probe) -> Outcome:
-        """Run ``p`` once now (bounded by the shared limit and the probe's deadline)."""
-        async with self._sem:
+        """Run ``p`` once now (bounded by the shared limit and the probe's deadline).
+
+        One run per probe at a time, as derpprobe: a /debug/probe-run during a scheduled run
+        waits for it instead of racing it.
+        """
+        lock = self._locks.setdefault(p.name, asyncio.Lock())
+        async with lock, self._sem:
             p.in_flight += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)

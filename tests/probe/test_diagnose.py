@@ -116,6 +116,15 @@ async def test_certificate_for_another_name(tmp_path: Path, ca: TestCA) -> None:
         assert r.diagnosis.startswith("certificate is for other.example, not localhost"), r
 
 
+async def test_certname_dns_name_is_honoured(tmp_path: Path, ca: TestCA) -> None:
+    """Domain fronting: HostName localhost, certificate for CertName other.example (derpprobe's
+    TLS probe ignores CertName and would fail this node)."""
+    other = issue(ca, tmp_path / "c", "front", ["other.example"], ips=())
+    async with derp_node(ssl_context=other.server_context(), stun_port=None) as n:
+        p = await probe_once(tmp_path, dmap((900, "lab", [node("900a", n.port, CertName="other.example")])))
+        assert result(p, "derp/lab/900a/tls").ok and result(p, "derp/lab/900a/900a/mesh").ok
+
+
 async def test_expired_and_not_yet_valid_certificates(tmp_path: Path, ca: TestCA) -> None:
     expired = issue(ca, tmp_path / "c", "exp", ["localhost"], not_before=dt.timedelta(days=-30),
                     not_after=dt.timedelta(days=-3))

@@ -150,3 +150,13 @@ async def test_local_map_from_a_real_logged_out_tailscaled(tailscaled_sock: str)
     """tailscaled answers ``null`` before it has a netmap: a clear failure, not an empty map."""
     with pytest.raises(MapError, match="tailscaled's LocalAPI is JSON null"):
         await MapHolder("local", tailscaled_sock).refresh(5)
+
+
+def test_once_without_a_loadable_map_is_one_bad_line(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "derpkit", "probe", "-once", str(tmp_path / "missing.json")],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    bad = [ln for ln in p.stderr.splitlines() if " bad: " in ln]
+    assert len(bad) == 1 and bad[0].endswith(f"bad: derpmap-probe: reading {tmp_path / 'missing.json'}: "
+                                             "No such file or directory"), p.stderr
+    assert "Traceback" not in p.stderr
