@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator
 
 from derpkit.client import DerpClient, DerpConnectionError
 from derpkit.protocol import frames as F
 from derpkit.protocol.connection import ClientConnection, ClientState
+from derpkit.protocol.constants import FrameType
 from derpkit.protocol.events import ConnectionFailed, Event, ServerKeyReceived
-from derpkit.protocol.handshake import ClientInfo
+from derpkit.protocol.handshake import ClientInfo, seal
 from derpkit.protocol.keys import NodePrivate, NodePublic
 from derpkit.server.node import DerpNode
 
@@ -147,6 +149,38 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
+    """Bad input a server must answer by closing that one connection: name -> (bytes sent
+    after the upgrade, whether a good ClientInfo goes first). Used against derpkit alone
+    (tests/server/test_bad_input.py, with its error counters) and against both derpkit and
+    Go derper (tests/interop/test_shared_scenarios.py)."""
+    k = NodePrivate.generate()
+    other = NodePrivate.generate()
+    return {
+        # Handshake failures.
+        "bad_first_frame": (F.SendPacket(bytes(32), b"x").encode(), False),
+        # A frame of the wrong type first (here the server's own ServerKey, echoed back).
+        "server_key_instead_of_client_info": (F.ServerKey(bytes(32)).encode(), False),
+        # DERP has one magic, in the ServerKey the server sends; what a server sees from a
+        # client that is not speaking DERP at all is bytes that are not a ClientInfo frame.
+        "http_request_instead_of_derp": (b"GET /derp HTTP/1.1\r\nHost: x\r\n\r\n", False),
+        "tls_client_hello_instead_of_derp": (bytes.fromhex("16030100f8010000f40303") + os.urandom(60), False),
+        "short_client_info": (F.frame(FrameType.CLIENT_INFO, bytes(40)), False),
+        "bad_box": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, other.public(), b"{}")), False),
+        "bad_json": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, NodePublic(server_key), b"{nope")), False),
+        "zero_key": (F.frame(FrameType.CLIENT_INFO, bytes(32) + bytes(24) + bytes(30)), False),
+        # Steady-state violations.
+        "oversized_packet": (F.header(FrameType.SEND_PACKET, 32 + 65537), True),
+        "short_send_packet": (F.frame(FrameType.SEND_PACKET, bytes(10)), True),
+        "bad_ping": (F.frame(FrameType.PING, b"1234"), True),
+        "bad_note_preferred": (F.frame(FrameType.NOTE_PREFERRED, b"\x01\x01"), True),
+        "not_mesh_peer": (F.WatchConns().encode(), True),
+        "close_peer_without_mesh_key": (F.ClosePeer(other.public().raw).encode(), True),
+        "forward_packet_without_mesh_key": (
+            F.ForwardPacket(k.public().raw, other.public().raw, b"sneaky").encode(), True),
+    }
 
 
 async def recv_packet(c: DerpClient, timeout: float = 5.0) -> F.RecvPacket:

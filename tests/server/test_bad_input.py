@@ -12,10 +12,10 @@ from derpkit.client import DerpClient
 from derpkit.protocol import frames as F
 from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.constants import FrameType
-from derpkit.protocol.handshake import ClientInfo, seal
+from derpkit.protocol.handshake import ClientInfo
 from derpkit.protocol.keys import NodePrivate
 
-from .helpers import RawConn, exchange, recv_packet, running_node
+from .helpers import RawConn, exchange, garbage_cases, recv_packet, running_node
 
 
 async def _handshaken_raw(port: int, **info: object) -> tuple[RawConn, NodePrivate]:
@@ -24,51 +24,19 @@ async def _handshaken_raw(port: int, **info: object) -> tuple[RawConn, NodePriva
     return raw, raw.private_key
 
 
-def _garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
-    """name -> (bytes sent after the upgrade, whether a ClientInfo goes first)."""
-    k = NodePrivate.generate()
-    other = NodePrivate.generate()
-    return {
-        # Handshake failures.
-        "bad_first_frame": (F.SendPacket(bytes(32), b"x").encode(), False),
-        # A frame of the wrong type first (here the server's own ServerKey, echoed back).
-        "server_key_instead_of_client_info": (F.ServerKey(bytes(32)).encode(), False),
-        # DERP has one magic, in the ServerKey the server sends; what a server sees from a
-        # client that is not speaking DERP at all is bytes that are not a ClientInfo frame.
-        "http_request_instead_of_derp": (b"GET /derp HTTP/1.1\r\nHost: x\r\n\r\n", False),
-        "tls_client_hello_instead_of_derp": (bytes.fromhex("16030100f8010000f40303") + os.urandom(60), False),
-        "short_client_info": (F.frame(FrameType.CLIENT_INFO, bytes(40)), False),
-        "bad_box": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, other.public(), b"{}")), False),
-        "bad_json": (F.frame(FrameType.CLIENT_INFO, k.public().raw + seal(k, _pub(server_key), b"{nope")), False),
-        "zero_key": (F.frame(FrameType.CLIENT_INFO, bytes(32) + bytes(24) + bytes(30)), False),
-        # Steady-state violations.
-        "oversized_packet": (F.header(FrameType.SEND_PACKET, 32 + 65537), True),
-        "short_send_packet": (F.frame(FrameType.SEND_PACKET, bytes(10)), True),
-        "bad_ping": (F.frame(FrameType.PING, b"1234"), True),
-        "bad_note_preferred": (F.frame(FrameType.NOTE_PREFERRED, b"\x01\x01"), True),
-        "not_mesh_peer": (F.WatchConns().encode(), True),
-        "close_peer_without_mesh_key": (F.ClosePeer(other.public().raw).encode(), True),
-    }
-
-
 #: Cases whose connection-error reason is not the case's own name.
 _REASON = {
     "server_key_instead_of_client_info": "bad_first_frame",
     "http_request_instead_of_derp": "bad_first_frame",
     "tls_client_hello_instead_of_derp": "bad_first_frame",
     "close_peer_without_mesh_key": "not_mesh_peer",
+    "forward_packet_without_mesh_key": "not_mesh_peer",
 }
-
-
-def _pub(raw: bytes):  # noqa: ANN202
-    from derpkit.protocol.keys import NodePublic
-
-    return NodePublic(raw)
 
 
 @pytest.mark.parametrize(
     "case",
-    list(_garbage_cases(bytes(range(32))).keys()),
+    list(garbage_cases(NodePrivate.generate().public().raw)),
 )
 async def test_garbage_closes_only_that_connection(case: str) -> None:
     async with running_node() as node:
@@ -76,7 +44,7 @@ async def test_garbage_closes_only_that_connection(case: str) -> None:
         b = await DerpClient.connect(node.url)
         raw = await RawConn.open(node.port)
         assert raw.server_key is not None
-        payload, needs_hello = _garbage_cases(raw.server_key.raw)[case]
+        payload, needs_hello = garbage_cases(raw.server_key.raw)[case]
         if needs_hello:
             raw.hello()
             await asyncio.sleep(0.05)
