@@ -160,3 +160,48 @@ def test_once_without_a_loadable_map_is_one_bad_line(tmp_path: Path) -> None:
     assert len(bad) == 1 and bad[0].endswith(f"bad: derpmap-probe: reading {tmp_path / 'missing.json'}: "
                                              "No such file or directory"), p.stderr
     assert "Traceback" not in p.stderr
+
+
+async def test_local_map_from_a_localapi_stand_in(tmp_path: Path) -> None:
+    """A STAND-IN for a logged-in tailscaled (none can log in here): its LocalAPI's
+    ``GET /localapi/v0/derpmap`` over a Unix socket, answering the map as tailscaled would."""
+    from aiohttp import web
+
+    seen: list[tuple[str, str, str]] = []
+    body = json.dumps(dmap((900, "lab", [node("900a", 443)])))
+
+    async def derpmap(request: web.Request) -> web.Response:
+        seen.append((request.method, request.host, request.headers.get("Tailscale-Cap", "")))
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/localapi/v0/derpmap", derpmap)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = str(tmp_path / "ts.sock")
+    await web.UnixSite(runner, sock).start()
+    try:
+        m = await MapHolder("local", sock).refresh(5)
+    finally:
+        await runner.cleanup()
+    assert [n.name for _, n in m.nodes()] == ["900a"]
+    assert seen == [("GET", "local-tailscaled.sock", seen[0][2])] and seen[0][2].isdigit()
+
+
+async def test_hostname_only_node_gets_a_stun_probe_by_dns(tmp_path: Path) -> None:
+    """derpprobe makes no STUN probe for a node without IPv4; derpkit resolves the HostName."""
+    from derpkit.server.node import DerpNode, NodeOptions
+
+    from .helpers import probe_once, result
+
+    n = DerpNode(NodeOptions(host="127.0.0.1"))
+    await n.start()
+    try:
+        stun = n.stun_port
+        entry = {"Name": "900a", "HostName": "localhost", "DERPPort": n.port, "STUNPort": stun}
+        p = await probe_once(tmp_path, dmap((900, "lab", [entry])), "-tls-interval", "0", "-mesh-interval", "0")
+    finally:
+        await n.stop()
+    r = result(p, "derp/lab/900a/udp")
+    assert r.ok and r.details["server"] == f"127.0.0.1:{stun}", r
+    assert "derp/lab/900a/udp6" not in p.probes
