@@ -37,6 +37,7 @@ from derpkit.gosyntax import (
     parse_int,
     parse_uint,
     scan_flags,
+    split_host_port,
 )
 from derpkit.stun.client import (
     DEFAULT_PORT,
@@ -44,6 +45,7 @@ from derpkit.stun.client import (
     StunClientError,
     StunEndpoint,
     StunResult,
+    StunSendError,
     resolve,
 )
 from derpkit.stun.codec import new_txid
@@ -100,6 +102,7 @@ class Options:
     nat: bool = False
     nat_servers: list[tuple[str, int]] = field(default_factory=list)
     lifetime: float = 0.0
+    local: tuple[str, int] | None = None
     host: str = ""
     port: int = DEFAULT_PORT
 
@@ -118,6 +121,8 @@ _FLAG_HELP = [
     ("json", "", "print one JSON object on stdout instead of the lines on stderr", ""),
     ("lifetime", "duration", "with -nat: probe how long an idle mapping lives, up to this long "
      "(needs an RFC 5780 server; 0 skips)", "0s"),
+    ("local", "string", "bind the socket to this address ([host]:port), e.g. :41641 to test "
+     "the mapping of tailscaled's port (with -nat: the mapping and hairpinning socket)", ""),
     ("nat", "", "discover the NAT's behaviour (RFC 4787 mapping and filtering, hairpinning) and "
      "explain what it means for Tailscale", ""),
     ("nat-servers", "string", "with -nat: more STUN servers (host[:port],...) to compare "
@@ -167,6 +172,12 @@ def _server_list(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def _local_addr(text: str) -> tuple[str, int]:
+    """``-local``: ``host:port`` or ``:port`` (Go syntax, IPv6 bracketed); host "" = any."""
+    host, port = split_host_port(text)
+    return host.strip("[]"), parse_uint(port, 16)
+
+
 #: flag -> (Options attribute, Go parser); -4/-6 land on v4/v6 and become ``family``.
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "json": ("json", parse_bool),
@@ -180,6 +191,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "nat-servers": ("nat_servers", _server_list),
     "retries": ("retries", parse_int),
     "count": ("count", parse_int),  # Go's flag.Int: strconv.ParseInt(s, 0, 64)
+    "local": ("local", _local_addr),
 }
 _BOOL_FLAGS = {name: parse is parse_bool for name, (_attr, parse) in _PARSERS.items()}
 _MINIMUM = {"count": 1, "retries": 0, "interval": 0, "lifetime": 0}
@@ -224,6 +236,15 @@ def parse_args(argv: list[str]) -> Options:
 
 
 # --- the query -----------------------------------------------------------------------------
+
+
+def local_bind(local: tuple[str, int] | None, family: int) -> tuple[str, int] | None:
+    """``-local`` as a bind address for ``family`` (an empty host is the wildcard)."""
+    if local is None:
+        return None
+    host = local[0] or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return host, local[1]
+
 
 
 def _reply_json(r: StunResult, shape: str) -> dict[str, Any]:
@@ -315,8 +336,10 @@ async def _probe(opts: Options) -> int:
     }
     try:
         family, ip = await resolve(opts.host, opts.port, opts.family)
-        endpoint = await StunEndpoint.open(family)
+        endpoint = await StunEndpoint.open(family, local=local_bind(opts.local, family))
     except StunClientError as e:
+        if opts.local is not None and e.kind == "send":  # the bind failed: name the flag
+            e = StunSendError(f"-local {join_host_port(*opts.local)}: {e}")
         err.write(f"{e}\n")
         if opts.json:
             _emit_json(out, {**doc, "error": str(e), "error_kind": e.kind})

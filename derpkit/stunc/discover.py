@@ -7,7 +7,12 @@ NAT and fake time; :class:`derpkit.stunc.netprober.EndpointProber` is the real o
 
 Sockets, and why several: mapping tests reuse socket 0 (its mapping toward several servers is
 the question). Filtering tests need a socket that has only ever sent to the primary address,
-or the earlier sends would have opened the filter (socket 1). Hairpinning sends from socket 2
+or the earlier sends would have opened the filter (socket 1). It must not be socket 0 either,
+even before socket 0's mapping tests: on a Linux NAT the change-request replies that the
+filter drops leave conntrack entries (alternate address -> public port) that make the NAT
+pick a *new* port when socket 0 later sends to that alternate address, so an
+endpoint-independent NAT would be reported as address-and-port-dependent (seen in
+tests/stunc/test_nat_netns.py). Hairpinning sends from socket 2
 to socket 0's public address. Each lifetime probe has its own socket, because a probe that
 gets through refreshes the mapping it measures.
 """

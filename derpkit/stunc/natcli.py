@@ -32,11 +32,18 @@ async def run_nat(opts: Any) -> int:
             extra.append((eip, port))
     except StunClientError as e:
         return _fail(opts, str(e), e.kind)
-    prober = EndpointProber(family, timeout=opts.timeout)
+    from derpkit.stunc.cli import local_bind
+    from derpkit.stunc.discover import SOCK_MAPPING
+
+    binds = {SOCK_MAPPING: b} if (b := local_bind(opts.local, family)) else {}
+    prober = EndpointProber(family, timeout=opts.timeout, binds=binds)
     try:
         report = await discover(prober, (ip, opts.port), extra, lifetime_max=opts.lifetime)
     except DiscoveryError as e:
         return _fail(opts, str(e), "timeout")
+    except StunClientError as e:  # opening a socket failed (-local taken, no such address)
+        where = f"-local {join_host_port(*opts.local)}: " if opts.local else ""
+        return _fail(opts, f"{where}{e}", e.kind)
     finally:
         prober.close()
     if opts.json:

@@ -32,8 +32,16 @@ class EndpointProber:
     verdict) sends ``evidence_copies`` datagrams with doubling gaps inside that time.
     """
 
-    def __init__(self, family: int, *, timeout: float = 2.0, evidence_copies: int = 4) -> None:
+    def __init__(
+        self,
+        family: int,
+        *,
+        timeout: float = 2.0,
+        evidence_copies: int = 4,
+        binds: dict[int, tuple[str, int]] | None = None,
+    ) -> None:
         self._family = family
+        self._binds = dict(binds or {})  # socket number -> local address (-local)
         self.family = "ipv6" if family == socket.AF_INET6 else "ipv4"
         self.timeout = timeout
         self.evidence_copies = evidence_copies
@@ -44,7 +52,8 @@ class EndpointProber:
         async with self._lock:
             ep = self._socks.get(n)
             if ep is None:
-                ep = self._socks[n] = await StunEndpoint.open(self._family)
+                ep = await StunEndpoint.open(self._family, local=self._binds.get(n))
+                self._socks[n] = ep
             return ep
 
     def close(self) -> None:

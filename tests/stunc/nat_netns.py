@@ -21,6 +21,8 @@ For each case the router gets an nftables ruleset, then ``derpkit stunc -nat -js
   IP that socket has sent to (an nftables set of socket . remote IP, filled by outgoing
   packets): address-dependent filtering.
 * ``lifetime`` — ``eim`` with conntrack's UDP timeouts cut to 2 s/3 s, and ``-lifetime 6s``.
+* ``hairpin`` — ``eim`` plus a port forward of the client's UDP 40000 with hairpin NAT, and
+  ``-local :40000``: the NAT hairpins, and the forwarded port admits anyone.
 """
 
 from __future__ import annotations
@@ -68,6 +70,21 @@ table inet fw {
 }""",
 }
 RULES["lifetime"] = RULES["eim"]
+#: Port forward of the client's UDP 40000 with hairpin NAT: masquerade keeps the port, the
+#: forward lets anyone reach it, and inside packets to the public address are sent back in
+#: with the router's public address as their source (what "NAT loopback" settings do).
+RULES["hairpin"] = """
+table ip nat {
+  chain pre {
+    type nat hook prerouting priority -100;
+    ip daddr 203.0.113.1 udp dport 40000 dnat to 10.0.0.2:40000
+  }
+  chain post {
+    type nat hook postrouting priority 100;
+    oifname "r1" masquerade
+    iifname "r0" oifname "r0" snat to 203.0.113.1
+  }
+}"""
 #: Cases where coturn's turnutils_natdiscovery also runs from the client, as a second opinion.
 COTURN_CASES = ("eim", "apdm", "fw-adf")
 
@@ -132,6 +149,8 @@ def run_case(case: str) -> dict[str, object]:
                             ("nf_conntrack_udp_timeout_stream", "3")):
             ns("rtr", "sysctl", "-qw", f"net.netfilter.{knob}={value}")
         extra = ["-lifetime", "6s"]
+    if case == "hairpin":
+        extra = ["-local", ":40000"]
     t0 = time.monotonic()
     p = subprocess.run(
         ["ip", "netns", "exec", "cli", sys.executable, "-m", "derpkit", "stunc", "-nat",

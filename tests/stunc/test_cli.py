@@ -466,3 +466,21 @@ async def test_malformed_replies_one_line(
             assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     finally:
         transport.close()
+
+
+async def test_local_binds_the_socket(server: StunServer, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        taken = s.getsockname()[1]
+        # The port is held: a clear bind error naming -local, no traceback.
+        assert await stunc("-local", f"127.0.0.1:{taken}", "127.0.0.1", port_of(server)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"-local 127.0.0.1:{taken}: cannot open a UDP socket on ")
+        assert "Address already in use" in err and err.count("\n") == 1
+        assert await stunc("-nat", "-local", f"127.0.0.1:{taken}", "127.0.0.1",
+                           port_of(server)) == 1
+        assert capsys.readouterr().err.startswith(f"-local 127.0.0.1:{taken}: cannot open")
+    assert await stunc("-local", f":{taken}", "-json", "127.0.0.1", port_of(server)) == 0
+    assert json.loads(capsys.readouterr().out)["mapped_addr"] == f"127.0.0.1:{taken}"
+    assert main(["-local", "nope", "h"]) == 2
+    assert 'invalid value "nope" for flag -local' in capsys.readouterr().err

@@ -24,7 +24,7 @@ import pytest
 from tests.goderper import REQUIRE_ENV, require_netns
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = ["eim", "apdm", "open", "fw-apdf", "fw-adf", "lifetime"]
+CASES = ["eim", "apdm", "open", "fw-apdf", "fw-adf", "lifetime", "hairpin"]
 pytestmark = pytest.mark.timeout(150)
 
 
@@ -104,6 +104,18 @@ def test_mapping_lifetime_is_bounded_by_conntrack_timeout(reports: dict[str, Any
     assert r["lifetime_min_s"] < r["lifetime_max_s"] and r["lifetime_monotonic"]
     assert "6 s gone" in r["lifetime_detail"]
     assert "An idle mapping lives between" in r["verdict"]
+
+
+def test_port_forward_with_hairpin_nat(reports: dict[str, Any]) -> None:
+    """-local :40000 behind a router forwarding UDP 40000 with NAT loopback: the NAT keeps
+    the port and a packet to the public address comes back in. (Filtering is measured on a
+    fresh, unforwarded socket, so it is conntrack's.)"""
+    r = reports["hairpin"]
+    assert r["local_addr"] == "10.0.0.2:40000" and r["mapped_addr"] == "203.0.113.1:40000"
+    assert r["mapping"] == "endpoint-independent"
+    assert r["filtering"] == "address-and-port-dependent"
+    assert r["hairpinning"] is True and "The NAT hairpins" in r["verdict"]
+    assert reports["eim"]["hairpinning"] is False  # the same NAT without the loopback rule
 
 
 COTURN_WORDS = {
