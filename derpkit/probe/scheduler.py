@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from derpkit.gosyntax import format_duration
+
 from .bw import probe_bw
 from .checks import map_checks
 from .derpconn import ProbeEnv
@@ -41,6 +43,22 @@ log = logging.getLogger("derpkit.probe")
 CONTINUOUS_PAUSE = 10.0
 #: Slack past a probe's own deadline before the scheduler cancels it.
 GUARD = 0.5
+
+
+def adding_line(s: ProbeSpec, opts: Options) -> str:
+    """derpprobe's log line for a new probe (derpprobe.md §3.8)."""
+    every = format_duration(int(s.interval * 1e9))
+    where = s.region.name or s.region.code
+    pair = f"{s.node.name}->{s.to.name}" if s.to is not None else ""
+    if s.cls == "tls":
+        return f"adding DERP TLS probe for {s.node.name} ({where}) every {every}"
+    if s.cls == "derp_udp":
+        return f"adding DERP UDP probe for {s.node.name} ({s.name}) every {every}"
+    if s.cls == "derp_mesh":
+        return f"adding DERP mesh probe for {pair} ({where}) every {every}"
+    if s.cls == "derp_bw":
+        return f"adding DERP bandwidth probe for {pair} ({where}) {opts.bw_probe_size_bytes} bytes every {every}"
+    return f"adding DERP queuing delay probe for {pair} ({where})"
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -89,6 +107,7 @@ class Prober:
             kept = ""
             if self.holder.current is not None and self.holder.age is not None:
                 kept = f"; still probing the last good map, {self.holder.age:.0f} s old"
+                log.info("Error while fetching DERP map, using cached one: %s", e)
             raise Failed(str(e), f"the DERP map could not be loaded: {e}{kept}") from None
         self._reconcile(wanted(m, self.opts))
         try:
@@ -129,8 +148,7 @@ class Prober:
                       region=s.region.code, node=s.node.name, continuous=s.continuous)
             self._specs[name] = s
             self.probes[name] = p
-            log.info("adding DERP %s probe %s every %s", s.cls, name,
-                     "continuously" if s.continuous else f"{s.interval:g}s")
+            log.info("%s", adding_line(s, self.opts))
             if self._running:
                 self._tasks[name] = asyncio.ensure_future(self._loop(p))
 
