@@ -11,6 +11,7 @@ from derpkit.protocol.frames import RecvPacket
 
 from ..context import CaseContext
 from ..registry import Fail, Level, case
+from ._craft import L, frame, lying_header
 from ._util import plain
 
 S52 = "derp-protocol §5.2"
@@ -19,14 +20,14 @@ S23 = "derp-protocol §2.3"
 
 def _oversized(dst: bytes, packet_len: int) -> bytes:
     """A SendPacket no honest client writes (the core's encoder refuses it)."""
-    return F.header(FrameType.SEND_PACKET, 32 + packet_len) + dst + os.urandom(packet_len)
+    return bytes(L.DERPFrame() / L.DERPSendPacket(dst=dst, data=os.urandom(packet_len)))
 
 
 @case("framing/1", "An unknown frame type is skipped", level=Level.MUST, section=S52,
       quote="anything else (including … unknown values) | none | Read and discard length bytes; no reply.")
 async def unknown_type(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_frame(0x7F, b"\xaa" * 100)
+    a.send_raw(frame(0x7F, b"\xaa" * 100))
     data = plain(20)
     a.send(a.key, data)
     await a.expect(RecvPacket, where=lambda p: p.data == data, what="the packet sent after the unknown frame")
@@ -77,7 +78,7 @@ async def seventy_k(ctx: CaseContext) -> str:
       quote="SendPacket 0x04 | length ≥ 32 …  (violation ⇒ close connection, log, no reply)")
 async def short_send(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_frame(FrameType.SEND_PACKET, os.urandom(20))
+    a.send_raw(frame(FrameType.SEND_PACKET, os.urandom(20)))
     await ctx.closes(a, "a 20-byte SendPacket")
     return "closed"
 
@@ -95,7 +96,7 @@ async def note_preferred(ctx: CaseContext) -> str:
       quote="Any other length → the server closes the connection.")
 async def note_preferred_long(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_frame(FrameType.NOTE_PREFERRED, b"\x01\x01")
+    a.send_raw(frame(FrameType.NOTE_PREFERRED, b"\x01\x01"))
     await ctx.closes(a, "a 2-byte NotePreferred")
     return "closed"
 
@@ -134,9 +135,12 @@ async def many_in_one(ctx: CaseContext) -> str:
       quote="anything else (including KeepAlive, Pong, ServerKey, ClientInfo, Health, Restarting, unknown values) | none | Read and discard")
 async def client_sends_server_frames(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    junk = (F.KEEPALIVE_BYTES + F.Pong(b"12345678").encode() + F.Health("x").encode()
-            + F.Restarting(1, 2).encode() + F.frame(FrameType.SERVER_KEY, os.urandom(40))
-            + F.frame(FrameType.CLIENT_INFO, os.urandom(80)) + F.frame(FrameType.RECV_PACKET, os.urandom(40)))
+    junk = b"".join(bytes(p) for p in (
+        L.DERPFrame(type=FrameType.KEEP_ALIVE), L.DERPFrame() / L.DERPPong(data=b"12345678"),
+        L.DERPFrame() / L.DERPHealth(problem=b"x"), L.DERPFrame() / L.DERPRestarting(reconnect_in_ms=1, try_for_ms=2),
+        L.DERPFrame() / L.DERPServerKey(key=os.urandom(32)), L.DERPFrame() / L.DERPClientInfo(key=os.urandom(32), sealed=os.urandom(40)),
+        L.DERPFrame() / L.DERPRecvPacket(src=os.urandom(32), data=b"x"),
+    ))
     a.send_raw(junk)
     await a.ping()
     return "KeepAlive, Pong, Health, Restarting, ServerKey, ClientInfo, RecvPacket skipped"
@@ -146,7 +150,7 @@ async def client_sends_server_frames(ctx: CaseContext) -> str:
       quote="Unknown frame types at the server | no limit; payload read and thrown away")
 async def big_unknown(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_frame(0x42, os.urandom(100 << 10))
+    a.send_raw(frame(0x42, os.urandom(100 << 10)))
     await a.ping(5.0)
     return "100 KiB of type 0x42 skipped"
 
@@ -155,6 +159,6 @@ async def big_unknown(ctx: CaseContext) -> str:
       quote="The length field can hold any value up to 0xFFFFFFFF. The limits in §2.3 are enforced by the reader.")
 async def huge_header(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_raw(F.header(FrameType.SEND_PACKET, 0xFFFFFFFF) + os.urandom(64))
+    a.send_raw(lying_header(FrameType.SEND_PACKET, 0xFFFFFFFF) + os.urandom(64))
     await ctx.closes(a, "a SendPacket header announcing 4 GiB")
     return "closed without waiting for the payload"

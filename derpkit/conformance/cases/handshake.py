@@ -7,12 +7,12 @@ import json
 import os
 import time
 
-from derpkit.protocol import frames as F
 from derpkit.protocol.constants import KEY_LEN, MAGIC, FrameType
 from derpkit.protocol.keys import NodePrivate
 
 from ..context import CaseContext
 from ..registry import Fail, Info, Level, Need, case
+from ._craft import L, frame, lying_header
 from ._util import ftype_name
 
 S41 = "derp-protocol §4.1"
@@ -77,14 +77,15 @@ async def _refused(ctx: CaseContext, frame: bytes, what: str) -> str:
 @case("handshake/4", "A first frame other than ClientInfo closes the connection", level=Level.MUST, section=S45,
       quote="First client frame is not ClientInfo | server | close; log \"bad frame type\"")
 async def wrong_first_frame(ctx: CaseContext) -> str:
-    return await _refused(ctx, F.encode_send_packet(os.urandom(32), b"hi"), "a SendPacket as the first frame")
+    return await _refused(ctx, bytes(L.DERPFrame() / L.DERPSendPacket(dst=os.urandom(32), data=b"hi")), "a SendPacket as the first frame")
 
 
 @case("handshake/5", "A ClientInfo whose box does not open closes the connection", level=Level.MUST, section=S45,
       quote="Box does not open with the claimed client key | server | close")
 async def bad_box(ctx: CaseContext) -> str:
     key = NodePrivate.generate().public().raw
-    return await _refused(ctx, F.frame(FrameType.CLIENT_INFO, key + os.urandom(24 + 16 + 30)), "a ClientInfo of random bytes")
+    pkt = L.DERPFrame() / L.DERPClientInfo(key=key, nonce=os.urandom(24), sealed=os.urandom(16 + 30))
+    return await _refused(ctx, bytes(pkt), "a ClientInfo of random bytes")
 
 
 @case("handshake/6", "Sealed non-JSON in ClientInfo closes the connection", level=Level.MUST, section=S45,
@@ -100,7 +101,7 @@ async def bad_json(ctx: CaseContext) -> str:
 @case("handshake/7", "A ClientInfo shorter than 56 bytes closes the connection", level=Level.MUST, section="derp-protocol §2.3",
       quote="ClientInfo frame, as read by the server | length ≥ 56 (32 key + 24 nonce) … Handshake fails and the connection closes.")
 async def short_client_info(ctx: CaseContext) -> str:
-    return await _refused(ctx, F.frame(FrameType.CLIENT_INFO, os.urandom(40)), "a 40-byte ClientInfo")
+    return await _refused(ctx, frame(FrameType.CLIENT_INFO, os.urandom(40)), "a 40-byte ClientInfo")
 
 
 @case("handshake/8", "A ClientInfo over 256 KiB closes the connection", level=Level.SHOULD, section="derp-protocol §2.3",
@@ -108,7 +109,7 @@ async def short_client_info(ctx: CaseContext) -> str:
 async def long_client_info(ctx: CaseContext) -> str:
     raw = await ctx.raw("A")
     await raw.upgrade()
-    raw.write(F.header(FrameType.CLIENT_INFO, (256 << 10) + 1) + raw.key.raw)
+    raw.write(lying_header(FrameType.CLIENT_INFO, (256 << 10) + 1) + raw.key.raw)
     await ctx.closes(raw, "a ClientInfo header announcing 262 145 bytes")
     return "closed on the header alone"
 
@@ -116,7 +117,8 @@ async def long_client_info(ctx: CaseContext) -> str:
 @case("handshake/9", "The all-zero client key is refused", level=Level.MUST, section="derp-protocol §0",
       quote="derpkit MUST reject such a client cleanly: close the connection")
 async def zero_key(ctx: CaseContext) -> str:
-    return await _refused(ctx, F.frame(FrameType.CLIENT_INFO, bytes(32) + os.urandom(24 + 16 + 13)), "a ClientInfo from the zero key")
+    pkt = L.DERPFrame() / L.DERPClientInfo(key=bytes(32), nonce=os.urandom(24), sealed=os.urandom(16 + 13))
+    return await _refused(ctx, bytes(pkt), "a ClientInfo from the zero key")
 
 
 async def _admitted(ctx: CaseContext, js: bytes, what: str) -> str:

@@ -12,6 +12,7 @@ from derpkit.protocol.keys import MeshKey
 
 from ..context import CaseContext
 from ..registry import Fail, Level, Need, case
+from ._craft import frame
 from ._util import plain
 
 S52 = "derp-protocol §5.2"
@@ -179,7 +180,7 @@ async def mesh_flag(ctx: CaseContext) -> str:
       quote="Length ≠ 0 … → the connection is closed.", needs=MESH)
 async def watch_payload(ctx: CaseContext) -> str:
     m = await ctx.conn("mesh", mesh=True)
-    m.send_frame(FrameType.WATCH_CONNS, b"\x00")
+    m.send_raw(frame(FrameType.WATCH_CONNS, b"\x00"))
     await ctx.closes(m, "a 1-byte WatchConns")
     return "closed"
 

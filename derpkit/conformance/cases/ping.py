@@ -10,6 +10,7 @@ from derpkit.protocol.frames import Pong
 
 from ..context import CaseContext
 from ..registry import Fail, Info, Level, case
+from ._craft import L, frame
 
 S = "derp-protocol §5.11"
 
@@ -27,7 +28,7 @@ async def echo(ctx: CaseContext) -> str:
 async def long_ping(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
     data = os.urandom(1000)
-    a.send_frame(FrameType.PING, data)
+    a.send_raw(bytes(L.DERPFrame() / L.DERPPing(data=data[:8], extra=data[8:])))
     p = await a.expect(Pong, what="Pong for a 1000-byte Ping")
     if p.data != data[:8]:
         raise Fail(f"Pong carries {p.data.hex()}, want the first 8 bytes {data[:8].hex()}")
@@ -38,7 +39,7 @@ async def long_ping(ctx: CaseContext) -> str:
       quote="the length must be 8 … 1 000, otherwise the connection is closed")
 async def short_ping(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_frame(FrameType.PING, b"1234567")
+    a.send_raw(frame(FrameType.PING, b"1234567"))
     await ctx.closes(a, "a 7-byte Ping")
     return "closed"
 
@@ -47,7 +48,7 @@ async def short_ping(ctx: CaseContext) -> str:
       quote="Ping frame, as read by the server | 8 ≤ length ≤ 1 000 | server | Connection closed.")
 async def huge_ping(ctx: CaseContext) -> str:
     a = await ctx.conn("A")
-    a.send_frame(FrameType.PING, os.urandom(1001))
+    a.send_raw(bytes(L.DERPFrame() / L.DERPPing(data=os.urandom(8), extra=os.urandom(993))))
     await ctx.closes(a, "a 1001-byte Ping")
     return "closed"
 

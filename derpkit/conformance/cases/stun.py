@@ -9,6 +9,7 @@ from derpkit.stun import codec
 
 from ..context import CaseContext
 from ..registry import Fail, Info, Level, Need, case
+from ._craft import S
 
 S3 = "stun §3"
 S5 = "stun §5"
@@ -76,7 +77,8 @@ async def reply_attrs(ctx: CaseContext) -> str:
 @case("stun/4", "An RFC 5389 request without SOFTWARE=tailnode", level=Level.INFORMATIONAL, section=S5,
       quote="Some SOFTWARE (0x8022) attribute must have the value exactly the 8 bytes tailnode … else ErrWrongSoftware.", needs=STUN)
 async def rfc_request(ctx: CaseContext) -> str:
-    data, _ = await ctx.stun_exchange(codec.build_plain_request(codec.new_txid()), timeout=0.7)
+    bare = S.STUN(stun_message_type="Binding request", transaction_id=int.from_bytes(os.urandom(12), "big"))
+    data, _ = await ctx.stun_exchange(bytes(bare), timeout=0.7)
     await _alive(ctx)
     raise Info("answered a bare RFC 5389 request" if data else "dropped a bare RFC 5389 request (as derper)")
 
@@ -84,9 +86,9 @@ async def rfc_request(ctx: CaseContext) -> str:
 @case("stun/5", "A request with a wrong FINGERPRINT is dropped", level=Level.SHOULD, section=S5,
       quote="The FINGERPRINT value must equal CRC32(datagram minus its last 8 bytes) XOR 0x5354554E, else ErrWrongFingerprint.", needs=STUN)
 async def bad_fingerprint(ctx: CaseContext) -> str:
-    req = bytearray(codec.build_request(codec.new_txid()))
-    req[-1] ^= 0xFF
-    data, _ = await ctx.stun_exchange(bytes(req), timeout=0.7)
+    pkt = S.tailscale_binding_request()
+    pkt.attributes[-1].crc_32 = 0xDEADBEEF
+    data, _ = await ctx.stun_exchange(S.finish(pkt), timeout=0.7)
     if data is not None:
         raise Fail("answered a request whose FINGERPRINT is wrong")
     await _alive(ctx)
@@ -130,9 +132,24 @@ async def retransmit(ctx: CaseContext) -> str:
 @case("stun/9", "A request whose header length is wrong", level=Level.INFORMATIONAL, section=S5,
       quote="a request whose header length is wrong but whose fingerprint was computed over the bytes as sent is accepted", needs=STUN)
 async def wrong_length(ctx: CaseContext) -> str:
-    req = bytearray(codec.build_request(codec.new_txid()))
-    req[2:4] = (16).to_bytes(2, "big")
-    req[-4:] = codec.fingerprint(bytes(req[:-8])).to_bytes(4, "big")
-    data, _ = await ctx.stun_exchange(bytes(req), timeout=0.7)
+    pkt = S.tailscale_binding_request()
+    pkt.length = 16  # 4 short of the attributes that follow; FINGERPRINT covers the bytes as sent
+    data, _ = await ctx.stun_exchange(S.finish(pkt), timeout=0.7)
     await _alive(ctx)
     raise Info("answered (as derper's net/stunserver)" if data else "dropped (as strict RFC servers and Tailscale's XDP responder)")
+
+
+@case("stun/10", "A request with SOFTWARE other than tailnode", level=Level.INFORMATIONAL, section="stun §11",
+      quote="request without SOFTWARE=tailnode | RFC 8489 server: answer | Tailscale server: drop", needs=STUN)
+async def wrong_software(ctx: CaseContext) -> str:
+    data, _ = await ctx.stun_exchange(S.finish(S.tailscale_binding_request(software=b"notnode!")), timeout=0.7)
+    await _alive(ctx)
+    raise Info("answered SOFTWARE 'notnode!' (an RFC server)" if data else "dropped SOFTWARE 'notnode!' (Tailscale's rule)")
+
+
+@case("stun/11", "A request without FINGERPRINT", level=Level.INFORMATIONAL, section="stun §11",
+      quote="request without FINGERPRINT / bad FINGERPRINT | RFC 8489 server: answer / drop | Tailscale server: drop", needs=STUN)
+async def no_fingerprint(ctx: CaseContext) -> str:
+    data, _ = await ctx.stun_exchange(S.finish(S.tailscale_binding_request(fingerprint=False)), timeout=0.7)
+    await _alive(ctx)
+    raise Info("answered a request without FINGERPRINT (an RFC server)" if data else "dropped it (Tailscale's rule)")
