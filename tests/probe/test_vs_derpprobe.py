@@ -237,3 +237,31 @@ def test_same_verdicts_as_derpprobe_on_broken_nodes(broken: str) -> None:
     assert why(ours.output, "derp/nostun/912a/udp").startswith("STUN port unreachable")
     assert why(ours.output, "derp/exp/913a/tls").startswith("certificate expired 2 days ago")
     assert why(ours.output, "derp/exp/913a/913a/mesh").startswith("certificate expired 2 days ago")
+
+
+def test_derpkit_serve_verify_clients_wrong_mesh_key_named_same_verdicts_as_go(
+    tmp_path: Path, ca: TestCA, localhost_leaf: Leaf, tailscaled_sock: str
+) -> None:
+    """``derpkit serve -verify-clients`` (a real, logged-out tailscaled behind it) with a mesh key:
+    the prober with another key is refused, and says the key is wrong; with the right key it
+    passes. Go derpprobe reaches the same verdicts."""
+    right, wrong = tmp_path / "right", tmp_path / "wrong"
+    right.write_text(MeshKey.generate().hex())
+    wrong.write_text(MeshKey.generate().hex())
+    port = free_port()
+    s = start_serve(tmp_path / "vc", "-a", f"localhost:{port}", "-stun=false", "-http-port", "-1",
+                    "-certmode", "manual", "-hostname", "localhost", "-certdir", str(ca.dir),
+                    "-verify-clients", "-socket", tailscaled_sock, "-mesh-psk-file", str(right))
+    try:
+        path = "file://" + write(tmp_path, dmap((900, "vc", [node("900a", port)])))
+        derpprobe = require_go_tool("derpprobe")
+        outputs = []
+        for key, want in ((wrong, "bad"), (right, "good")):
+            args = ["-once", "-derp-map", path, *FAST, "-mesh-psk-file", str(key)]
+            ours, go = run_ours(*args), run_go(derpprobe, *args)
+            assert verdicts(ours) == verdicts(go), (ours.output, go.output)
+            assert verdicts(ours)["derp/vc/900a/900a/mesh"] == want, ours.output
+            outputs.append(ours.output)
+        assert "the mesh key is not this server's" in why(outputs[0], "derp/vc/900a/900a/mesh"), outputs[0]
+    finally:
+        s.stop()
