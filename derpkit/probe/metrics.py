@@ -5,7 +5,8 @@ A prometheus_client collector reads the probes' records at scrape time; nothing 
 twice. Every sample carries ``name``, ``class`` and the class labels. Two series follow Go's
 exposition exactly where prometheus_client would rename them: the qd drop counter has no
 ``_total`` suffix in derpprobe, so that family is written by hand. derpkit adds
-``derpkit_derpmap_age_seconds`` (how old the map in use is) and ``derpkit_probe_warnings``.
+``derpkit_derpmap_age_seconds`` (how old the map in use is), ``derpkit_probe_warnings`` and
+``derpkit_region_up`` (a region roll-up, so alerts need not watch N² pair probes).
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class ProberCollector:
         if self.prober.holder.fetched_at is not None:
             age.add_sample(age.name, {}, time.time() - self.prober.holder.fetched_at)
             yield age
+        up = _m("derpkit_region_up", "1 if at least one node of the region relays (its single-node mesh probe passed)", "gauge")
+        regions: dict[tuple[str, str], int] = {}
+        for p in self.prober.probes.values():
+            if p.cls == "derp_mesh" and p.labels.get("derp_path") == "single":
+                key = (p.labels.get("region", ""), p.labels.get("region_id", ""))
+                ok = 1 if p.last is not None and p.last.ok else 0
+                regions[key] = max(regions.get(key, 0), ok)
+        for (code, rid), ok in sorted(regions.items()):
+            up.add_sample(up.name, {"region": code, "region_id": rid}, ok)
+        if regions:
+            yield up
         warn = _m("derpkit_probe_warnings", "Map and node warnings in the latest check (derpkit)", "gauge")
         warn.add_sample(warn.name, {}, len(self.prober.all_warnings()))
         yield warn

@@ -164,6 +164,8 @@ def test_varz_has_derpprobes_names_and_labels(monitor: Monitor) -> None:
     les = {s.labels["le"] for s in fams["derpprobe_derp_qd_probe_delays_seconds"].samples if "le" in s.labels}
     assert les == {"0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "+Inf"}
     assert "derp_path" in sample("derpprobe_derp_qd_probe_dropped_packets", name="derp/lab/900a/900a/qd").labels
+    up = fams["derpkit_region_up"].samples
+    assert [(s.labels, s.value) for s in up] == [({"region": "lab", "region_id": "900"}, 1.0)]  # 900a relays
 
 
 def _chromium() -> str:
