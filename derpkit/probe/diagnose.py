@@ -17,7 +17,6 @@ import socket
 import ssl
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 from derpkit.client.errors import (
     DerpCertificateError,
@@ -304,6 +303,3 @@ def correlate(probes: list[Probe], server_keys: dict[str, set[str]]) -> list[str
                     p.last.diagnosis = line + "; " + (p.last.diagnosis or p.last.error)
     return warnings
 
-
-def details_of(exc: BaseException) -> dict[str, Any]:
-    return dict(exc.details) if isinstance(exc, Failed) else {}

@@ -36,8 +36,6 @@ __all__ = [
 ]
 
 DEFAULT_LOCAL_SOCKET = "/var/run/tailscale/tailscaled.sock"
-#: Go keeps using the last good map this long after a transport error (derpprobe.md §2.1).
-CACHE_GRACE = 600.0
 _MAX_MAP_BYTES = 16 << 20
 
 
