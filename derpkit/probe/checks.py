@@ -69,6 +69,10 @@ async def _port80(n: Node) -> list[str]:
 async def map_checks(m: DerpMap, opts: Options) -> list[str]:
     """Every warning for the selected regions, in map order."""
     out = list(m.warnings)
+    if opts.region_code and not any(opts.region_code in (r.code, str(r.region_id)) for r in m.regions.values()):
+        codes = ", ".join(f"{r.code} ({rid})" for rid, r in sorted(m.regions.items()))
+        out.append(f"-region-code {opts.region_code!r} matches no region of the map, so nothing was probed "
+                   f"(regions: {codes})")
     jobs = []
     for _, r in sorted(m.regions.items()):
         if opts.region_code and opts.region_code not in (r.code, str(r.region_id)):

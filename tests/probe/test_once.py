@@ -75,6 +75,9 @@ def test_region_code_by_code_or_id(serve: tuple[int, int], tmp_path: Path) -> No
         good, bad = probe_lines(r.output)
         assert r.returncode == 0 and not bad, r.output
         assert set(good) == {"derpmap-probe", "derp/ok/901a/tls", "derp/ok/901a/udp", "derp/ok/901a/901a/mesh"}
+    r = run_ours("-once", path, "-region-code", "OK", *FAST)  # case-sensitive, as Go
+    assert r.returncode == 0 and set(probe_lines(r.output)[0]) == {"derpmap-probe"}
+    assert "warning: -region-code 'OK' matches no region of the map, so nothing was probed" in r.output
 
 
 def test_table_and_progress_only_on_a_terminal(serve: tuple[int, int], tmp_path: Path) -> None:
