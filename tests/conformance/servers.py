@@ -10,9 +10,13 @@ DERPKIT_REQUIRE_GO_PEERS=1).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Coroutine
@@ -22,7 +26,7 @@ from typing import Any, TypeVar
 
 from derpkit.conformance.target import Target, make_target
 from derpkit.protocol.keys import MeshKey
-from tests.goderper import GoDerper, free_port, start_derper
+from tests.goderper import REQUIRE_ENV, GoDerper, free_port, start_derper
 from tests.server.serve_proc import ServeProc, start_serve
 
 T = TypeVar("T")
@@ -57,6 +61,7 @@ class Server:
     proc: ServeProc | None = None
     go: GoDerper | None = None
     loop: LoopThread | None = None
+    popen: subprocess.Popen[bytes] | None = None
 
     def target(self, *, mesh: bool = True, **kw: Any) -> Target:
         return make_target(self.url, mesh_key=self.mesh_key if mesh else None, cert_name=self.cert_name,
@@ -83,6 +88,9 @@ class Server:
             self.loop.stop()
         if self.go is not None:
             self.go.stop()
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
 
 
 def serve(workdir: Path, *, tls: bool = False, mesh: bool = True, stun: bool = True) -> Server:
@@ -119,3 +127,91 @@ def derper(workdir: Path, *, tls: bool = False, mesh: bool = True, binary: str |
         d = start_derper(workdir, tls=tls, mesh_key_hex=mesh_hex)
     scheme = "https" if tls else "http"
     return Server(f"{name}-{scheme}", d.base_url, d.mesh_key, f"127.0.0.1:{d.stun_port}", d.cert_name, go=d)
+
+
+#: Matrix peers made by scripts/install-matrix-peers.sh: $(go env GOPATH)/peers/<dir>/<binary>.
+PEERS = {
+    "derper-v1.80.3": ("derper-v1.80.3", "derper"),
+    "derper-v1.104.7": ("derper-v1.104.7", "derper"),
+    "sing-box-v1.13.19": ("sing-box-v1.13.19", "sing-box"),
+}
+
+
+def peer_binary(name: str) -> str | None:
+    """Path of a matrix peer, or None. ``$DERPKIT_PEER_<NAME>`` overrides (dots and dashes as _)."""
+    env = os.environ.get("DERPKIT_PEER_" + name.upper().replace("-", "_").replace(".", "_"))
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    d, b = PEERS[name]
+    roots = []
+    go = shutil.which("go")
+    if go:
+        try:
+            roots.append(subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True, timeout=20).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    roots.append(str(Path.home() / "go"))
+    for r in roots:
+        for root in r.split(os.pathsep):
+            p = Path(root) / "peers" / d / b
+            if p.is_file() and os.access(p, os.X_OK):
+                return str(p)
+    return None
+
+
+def require_peer(name: str) -> str:
+    import pytest
+
+    path = peer_binary(name)
+    if path is None:
+        msg = (f"{name} NOT INSTALLED: the conformance matrix needs it; run `bash scripts/install-matrix-peers.sh` "
+               f"(it lands in $(go env GOPATH)/peers/{PEERS[name][0]}/)")
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{msg} ({REQUIRE_ENV}=1 forbids skipping)", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {port} not listening after {timeout:g} s:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
+
+
+def singbox(workdir: Path, binary: str) -> Server:
+    """sing-box's ``derp`` service (it requires TLS): a self-signed IP certificate, pinned."""
+    import json
+
+    from tests.interop.pki import self_signed_ip
+
+    leaf = self_signed_ip(workdir / "tls")
+    mesh = MeshKey(secrets.token_bytes(32))
+    port, stun = free_port(), free_port(socket.SOCK_DGRAM)
+    config = {
+        "log": {"level": "warn"},
+        "services": [{
+            "type": "derp", "tag": "derp", "listen": "127.0.0.1", "listen_port": port,
+            "tls": {"enabled": True, "certificate_path": str(leaf.cert_path), "key_path": str(leaf.key_path)},
+            "config_path": str(workdir / "derper.key"), "mesh_psk": mesh.hex(),
+            "stun": {"enabled": True, "listen": "127.0.0.1", "listen_port": stun},
+        }],
+    }
+    (workdir / "config.json").write_text(json.dumps(config, indent=2))
+    log = workdir / "sing-box.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([binary, "run", "-c", str(workdir / "config.json")], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_tcp(port, proc, log)
+    except RuntimeError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return Server("sing-box-https", f"https://127.0.0.1:{port}", mesh, f"127.0.0.1:{stun}", leaf.cert_name, popen=proc)
