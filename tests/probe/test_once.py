@@ -108,12 +108,28 @@ def test_table_and_progress_only_on_a_terminal(serve: tuple[int, int], tmp_path:
 def test_websocket_and_qd_in_once_mode(serve: tuple[int, int], tmp_path: Path) -> None:
     port, stun = serve
     path = write(tmp_path, dmap((901, "ok", [node("901a", port, stun=stun)])))
+    before = _ws_accepts(port)
     r = run_ours("-once", path, *FAST, "-websocket", "-qd-packets-per-second", "50", "-bw-interval", "3s",
                  "-bw-probe-size-bytes", "300000")
     good, bad = probe_lines(r.output)
     assert r.returncode == 0 and not bad, r.output
     assert {"derp/ok/901a/901a/mesh", "derp/ok/901a/901a/bw"} <= set(good)
     assert not any(n.endswith("/qd") for n in good)  # continuous: not run by -once (Go may hang)
+    assert _ws_accepts(port) - before == 4  # mesh and bw pairs: two WebSocket clients each
+
+
+def _ws_accepts(port: int) -> float:
+    """derpkit serve's own count of WebSocket DERP connections (its /debug/varz over TLS)."""
+    import re
+    import ssl
+    import urllib.request
+
+    with urllib.request.urlopen(f"https://localhost:{port}/debug/varz", timeout=5,
+                                context=ssl.create_default_context()) as resp:
+        text = resp.read().decode()
+    m = re.search(r"^derp_websocket_accepts (\S+)$", text, re.M)
+    assert m, text[:500]
+    return float(m.group(1))
 
 
 async def test_changed_node_gets_a_fresh_probe_removed_node_goes(serve: tuple[int, int], tmp_path: Path) -> None:
