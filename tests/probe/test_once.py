@@ -120,7 +120,6 @@ def test_websocket_and_qd_in_once_mode(serve: tuple[int, int], tmp_path: Path) -
 
 def _ws_accepts(port: int) -> float:
     """derpkit serve's own count of WebSocket DERP connections (its /debug/varz over TLS)."""
-    import re
     import ssl
     import urllib.request
 
