@@ -14,6 +14,8 @@ For each case the router gets an nftables ruleset, then ``derpkit stunc -nat -js
   conntrack admits only the exact address replied to (address-and-port-dependent filtering).
 * ``apdm`` — ``masquerade random``: a random port per new flow, i.e. per destination address
   and port (address-and-port-dependent mapping, a "symmetric" NAT).
+* ``adm`` — ``snat`` to a port range chosen by destination IP: one public port per socket and
+  server IP, whatever the server port (address-dependent mapping).
 * ``open`` — routing without NAT or filter: no NAT, endpoint-independent filtering.
 * ``fw-apdf`` — no NAT, a stateful firewall (``ct state established``): address-and-port-
   dependent filtering.
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +73,16 @@ table inet fw {
 }""",
 }
 RULES["lifetime"] = RULES["eim"]
+#: A port range per destination IP: one public port per (socket, server IP), shared by the
+#: server's ports (Linux keeps the first free port of the range for each new flow).
+RULES["adm"] = """
+table ip nat {
+  chain post {
+    type nat hook postrouting priority 100;
+    oifname "r1" meta l4proto udp snat ip to ip daddr map {
+      203.0.113.10 : 203.0.113.1 . 30000-30999, 203.0.113.11 : 203.0.113.1 . 31000-31999 }
+  }
+}"""
 #: Port forward of the client's UDP 40000 with hairpin NAT: masquerade keeps the port, the
 #: forward lets anyone reach it, and inside packets to the public address are sent back in
 #: with the router's public address as their source (what "NAT loopback" settings do).
@@ -86,7 +99,7 @@ table ip nat {
   }
 }"""
 #: Cases where coturn's turnutils_natdiscovery also runs from the client, as a second opinion.
-COTURN_CASES = ("eim", "apdm", "fw-adf")
+COTURN_CASES = ("eim", "adm", "apdm", "fw-adf")
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> str:
@@ -139,6 +152,44 @@ def start_server() -> subprocess.Popen[str]:
     raise RuntimeError("derpkit serve did not start")
 
 
+COTURN_PORT = 3490  # coturn's RFC 5780 server in srv: .10/.11 x 3490/3491
+
+
+def start_coturn() -> subprocess.Popen[bytes] | None:
+    """coturn's turnserver as a second RFC 5780 server in srv (None if not installed)."""
+    binary = shutil.which("turnserver")
+    if binary is None:
+        return None
+    work = tempfile.mkdtemp(prefix="coturn-")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", "srv", binary, "-n", "--stun-only", "--no-cli", "--no-tls",
+         "--no-dtls", "-L", SRV1, "-L", SRV2, "-p", str(COTURN_PORT), "--log-file", "stdout",
+         "--pidfile", f"{work}/turn.pid"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return proc
+
+
+def stunc_nat(port: int, extra: list[str]) -> dict[str, object]:
+    p = subprocess.run(
+        ["ip", "netns", "exec", "cli", sys.executable, "-m", "derpkit", "stunc", "-nat",
+         "-json", "-timeout", "1s", *extra, SRV1, str(port)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        return {"rc": p.returncode, "report": json.loads(p.stdout), "stderr": p.stderr[-2000:]}
+    except ValueError:
+        return {"rc": p.returncode, "stdout": p.stdout[-2000:], "stderr": p.stderr[-2000:]}
+
+
+def natdiscovery(port: int) -> str:
+    nd = subprocess.run(
+        ["ip", "netns", "exec", "cli", "turnutils_natdiscovery", "-m", "-f", "-p", str(port),
+         SRV1], capture_output=True, text=True, timeout=60,
+    )
+    return nd.stdout + nd.stderr
+
+
 def run_case(case: str) -> dict[str, object]:
     ns("rtr", "nft", "flush", "ruleset")
     if RULES[case]:
@@ -164,25 +215,31 @@ def run_case(case: str) -> dict[str, object]:
     except ValueError:
         doc["stdout"] = p.stdout[-2000:]
     if case in COTURN_CASES and shutil.which("turnutils_natdiscovery"):
-        t0 = time.monotonic()
-        nd = subprocess.run(
-            ["ip", "netns", "exec", "cli", "turnutils_natdiscovery", "-m", "-f", "-p", "3478",
-             SRV1], capture_output=True, text=True, timeout=60,
-        )
-        doc["natdiscovery"] = nd.stdout + nd.stderr
-        doc["natdiscovery_seconds"] = round(time.monotonic() - t0, 2)
+        # Second opinions: coturn's client against our server, and both clients against
+        # coturn's server.
+        # They run at once (separate sockets, so separate mappings): coturn's client waits
+        # out several seconds of its own timeouts.
+        with ThreadPoolExecutor(3) as pool:
+            nd_ours = pool.submit(natdiscovery, 3478)
+            nd_theirs = pool.submit(natdiscovery, COTURN_PORT)
+            st_theirs = pool.submit(stunc_nat, COTURN_PORT, [])
+            doc["natdiscovery"] = nd_ours.result()
+            doc["coturn"] = {"stunc": st_theirs.result(), "natdiscovery": nd_theirs.result()}
     return doc
 
 
 def main(cases: list[str]) -> int:
     build()
     server = start_server()
+    coturn = start_coturn()
     try:
         for case in cases:
             print(json.dumps(run_case(case)), flush=True)
     finally:
-        server.terminate()
-        server.wait(10)
+        for proc in (server, coturn):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
     return 0
 
 

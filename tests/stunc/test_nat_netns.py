@@ -24,8 +24,8 @@ import pytest
 from tests.goderper import REQUIRE_ENV, require_netns
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = ["eim", "apdm", "open", "fw-apdf", "fw-adf", "lifetime", "hairpin"]
-pytestmark = pytest.mark.timeout(150)
+CASES = ["eim", "adm", "apdm", "open", "fw-apdf", "fw-adf", "lifetime", "hairpin"]
+pytestmark = pytest.mark.timeout(200)
 
 
 def _missing(what: str) -> None:
@@ -42,13 +42,14 @@ def reports() -> dict[str, dict[str, Any]]:
             _missing(f"`{tool}` not installed (apt-get install nftables iproute2; "
                      "scripts/install-peers.sh)")
     p = subprocess.run(["unshare", "-rnm", sys.executable, "-m", "tests.stunc.nat_netns", *CASES],
-                       cwd=ROOT, capture_output=True, text=True, timeout=140)
+                       cwd=ROOT, capture_output=True, text=True, timeout=190)
     assert p.returncode == 0, f"namespace set-up or run failed:\n{p.stderr[-3000:]}"
     out = {}
     for line in p.stdout.splitlines():
         doc = json.loads(line)
         assert doc["rc"] == 0, doc
-        out[doc["case"]] = {**doc["report"], "_natdiscovery": doc.get("natdiscovery")}
+        out[doc["case"]] = {**doc["report"], "_natdiscovery": doc.get("natdiscovery"),
+                            "_coturn": doc.get("coturn")}
     assert set(out) == set(CASES), p.stdout
     return out
 
@@ -72,6 +73,15 @@ def test_masquerade_random_is_address_and_port_dependent(reports: dict[str, Any]
     assert {m["mapped"].rsplit(":", 1)[0] for m in r["mapping_table"]} == {"203.0.113.1"}
     assert r["filtering"] == "address-and-port-dependent"
     assert "hard NAT" in r["tailscale"] and "DERP" in r["tailscale"]
+
+
+def test_port_range_per_destination_ip_is_address_dependent(reports: dict[str, Any]) -> None:
+    r = reports["adm"]
+    assert r["nat"] is True and r["mapping"] == "address-dependent"
+    table = {m["server"]: m["mapped"] for m in r["mapping_table"]}
+    assert table["203.0.113.11:3478"] == table["203.0.113.11:3479"] != table["203.0.113.10:3478"]
+    assert 30000 <= int(table["203.0.113.10:3478"].rsplit(":", 1)[1]) <= 30999
+    assert "hard NAT" in r["tailscale"]
 
 
 def test_routed_without_filter_is_open(reports: dict[str, Any]) -> None:
@@ -125,15 +135,37 @@ COTURN_WORDS = {
 }
 
 
-@pytest.mark.parametrize("case", ["eim", "apdm", "fw-adf"])
-def test_coturn_natdiscovery_agrees(reports: dict[str, Any], case: str) -> None:
-    """coturn's turnutils_natdiscovery, run from the same client namespace against the same
-    server, reaches the same mapping and filtering verdicts and sees the same public IP."""
+def coturn_verdict(out: str) -> tuple[str, str]:
+    """(mapping, filtering) as turnutils_natdiscovery prints them, in our words."""
+    words = {v: k for k, v in COTURN_WORDS.items()}
+    m = re.search(r"NAT with (.+?) Mapping!", out)
+    f = re.search(r"NAT with (.+?) Filtering!", out)
+    assert m and f, out
+    return words[m[1]], words[f[1]]
+
+
+@pytest.mark.parametrize("case", ["eim", "adm", "apdm", "fw-adf"])
+def test_coturn_agrees(reports: dict[str, Any], case: str) -> None:
+    """coturn's turnutils_natdiscovery, run from the same client namespace, and coturn's own
+    RFC 5780 server behind the same NAT: stunc's verdict is the same whichever server it asks,
+    natdiscovery reaches it against coturn's server, and sees the same public IP."""
     r = reports[case]
+    if r["_natdiscovery"] is None:
+        _missing("coturn not installed (apt-get install coturn)")
+    ours = (r["mapping"], r["filtering"])
+    vs_coturn = r["_coturn"]["stunc"]
+    assert vs_coturn["rc"] == 0, vs_coturn
+    assert (vs_coturn["report"]["mapping"], vs_coturn["report"]["filtering"]) == ours
+    assert coturn_verdict(r["_coturn"]["natdiscovery"]) == ours
     nd = r["_natdiscovery"]
-    if nd is None:
-        _missing("turnutils_natdiscovery not installed (apt-get install coturn)")
-    assert f"NAT with {COTURN_WORDS[r['mapping']]} Mapping!" in nd, nd
-    assert f"NAT with {COTURN_WORDS[r['filtering']]} Filtering!" in nd, nd
     theirs = {a.rsplit(":", 1)[0] for a in re.findall(r"UDP reflexive addr: (\S+)", nd)}
     assert theirs == {r["mapped_addr"].rsplit(":", 1)[0]}, nd
+    if case != "adm":
+        assert coturn_verdict(nd) == ours
+    else:
+        # natdiscovery's test III goes to the OTHER-ADDRESS of its *second* answer. derpkit
+        # serve gives RFC 5780's value there (the socket a change-IP+port reply would come
+        # from: A1:P2), coturn's server gives A2:P2; so against derpkit the address-dependent
+        # NAT is compared across two IPs and natdiscovery says "address and port dependent".
+        assert "Response origin: : 203.0.113.10:3479" in nd, nd
+        assert coturn_verdict(nd)[0] == "address-and-port-dependent"
