@@ -63,3 +63,11 @@ def test_generator_bound_marks_a_saturated_generator() -> None:
     assert gen_note(busy, gen, 0.10).endswith("GENERATOR-BOUND")
     idle = {"cpu_seconds": 0.80, "wall_seconds": 1.0}
     assert "GENERATOR-BOUND" not in gen_note(idle, gen, 0.10)
+
+
+async def test_packet_path_relays_every_packet_it_times() -> None:
+    """bench.packet_path refuses to report a figure unless every timed packet came out."""
+    from bench.packet_path import ns_per_packet
+
+    ns, packets = await ns_per_packet(100, chunks=3, rounds=1)
+    assert packets == 3 * (65536 // (5 + 32 + 100)) and ns > 0
