@@ -32,6 +32,7 @@ __all__ = [
     "classify_mapping",
     "lifetime_bounds",
     "report_json",
+    "summary",
     "tailscale_meaning",
     "verdict_text",
 ]
@@ -189,6 +190,19 @@ def _seconds(t: float) -> str:
     return f"{t:g} s"
 
 
+def summary(r: NatReport) -> str:
+    """One line in RFC 4787 words, e.g. "NAT: endpoint-independent mapping,
+    address-dependent filtering" (the paragraph explains it)."""
+    head = "no NAT" if r.nat is False else "NAT" if r.nat else "NAT unknown"
+    parts = []
+    if r.nat is not False:
+        parts.append(f"{r.mapping.behaviour} mapping")
+    parts.append(f"{r.filtering} filtering")
+    if r.hairpinning is not None:
+        parts.append("hairpinning" if r.hairpinning else "no hairpinning")
+    return f"{head}: {', '.join(parts)}"
+
+
 def verdict_text(r: NatReport) -> str:
     """One paragraph a person can read: what the NAT does, then what it means for Tailscale."""
     parts: list[str] = []
@@ -308,6 +322,7 @@ def report_json(r: NatReport) -> dict[str, Any]:
         "lifetime_max_s": high,
         "lifetime_monotonic": mono,
         "lifetime_detail": r.lifetime_detail or None,
+        "summary": summary(r),
         "verdict": verdict_text(r),
         "tailscale": tailscale_meaning(r),
         "notes": r.notes,

@@ -15,7 +15,7 @@ from typing import Any
 from derpkit.gosyntax import join_host_port
 from derpkit.stun.client import StunClientError, resolve
 from derpkit.stunc.discover import DiscoveryError, discover
-from derpkit.stunc.nat import report_json, verdict_text
+from derpkit.stunc.nat import report_json, summary, verdict_text
 from derpkit.stunc.netprober import EndpointProber
 
 __all__ = ["run_nat"]
@@ -62,7 +62,7 @@ async def run_nat(opts: Any) -> int:
         err.write(f"{what}: {got}\n")
     for note in report.notes:
         err.write(f"note: {note}\n")
-    out.write(textwrap.fill(verdict_text(report), width=100) + "\n")
+    out.write(summary(report) + "\n\n" + textwrap.fill(verdict_text(report), width=100) + "\n")
     return 0
 
 

@@ -181,6 +181,7 @@ async def test_rfc5780_matrix(mapping: str, filtering: str, want_map: str, want_
     assert all(a[1] == (A1, P1) for a in nat.asked[:first_change] if a[0] == 1)
     doc = report_json(r)
     assert doc["mapping"] == want_map and doc["filtering"] == want_filter
+    assert doc["summary"] == f"NAT: {want_map} mapping, {want_filter} filtering, no hairpinning"
     assert doc["mapped_addr"].startswith(PUBLIC + ":")
 
 

@@ -63,6 +63,8 @@ def test_masquerade_is_endpoint_independent_mapping(reports: dict[str, Any]) -> 
     # conntrack only lets in replies from the exact address and port sent to.
     assert r["filtering"] == "address-and-port-dependent"
     assert r["hairpinning"] is False
+    assert r["summary"] == ("NAT: endpoint-independent mapping, address-and-port-dependent "
+                            "filtering, no hairpinning")
     assert "Behind a NAT" in r["verdict"] and "most peers" in r["tailscale"]
 
 

@@ -185,6 +185,7 @@ def test_go_shaped_server_then_mapping_from_other_servers(coturn: int) -> None:
         # The human form: the paragraph on stdout, the observations on stderr.
         p = stunc("-nat", "-timeout", "1s", A1, str(port))
         assert p.returncode == 0 and "Filtering not measured" in p.stdout
+        assert p.stdout.startswith("no NAT: unknown filtering\n\n"), p.stdout
         assert f"sock 0 -> {A1}:{port}: mapped {A1}:" in p.stderr
     finally:
         proc.terminate()
