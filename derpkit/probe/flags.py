@@ -198,7 +198,7 @@ def _check(o: Options) -> None:
         raise UsageError("-bw-tun-ipv4-addr: TCP-in-TCP bandwidth probes over a TUN device are not implemented "
                          "in derpkit probe; leave it unset for direct bandwidth probes (-bw-interval)", 1)
     if o.secrets_url:
-        from derpkit.server.admission.setec import check_url
+        from derpkit.setec import check_url
 
         problem = check_url(o.secrets_url)
         if problem:
@@ -231,7 +231,7 @@ async def resolve_mesh_key(opts: Options, environ: Mapping[str, str] | None = No
         key = _parse_key(env.get(MESH_ENV, ""), f"-dev: ${MESH_ENV}")
         return key, f"${MESH_ENV} (-dev)" if key else "none (-dev and $" + MESH_ENV + " empty)"
     if opts.secrets_url:
-        from derpkit.server.admission.setec import SetecError, SetecStopped, fetch_mesh_secret
+        from derpkit.setec import SetecError, SetecStopped, fetch_mesh_secret
 
         cache_dir = opts.secrets_cache_dir or _default_cache_dir()
         stop = asyncio.Event()

@@ -16,9 +16,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from derpkit import __version__
+from derpkit import __version__, setec
 from derpkit.protocol.keys import KeyError_, MeshKey, NodePrivate
-from derpkit.server.admission import setec, verify
+from derpkit.server.admission import verify
 from derpkit.server.frontdoor import limits
 from derpkit.server.frontdoor.bootstrap_dns import BootstrapDNS
 from derpkit.server.frontdoor.http import HttpOptions

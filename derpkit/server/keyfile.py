@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from derpkit.atomicfile import write_atomic
 from derpkit.protocol.keys import KeyError_, NodePrivate
-
-from .atomicfile import write_atomic
 
 ROOT_DEFAULT = "/var/lib/derper/derper.key"
 

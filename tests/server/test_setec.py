@@ -450,7 +450,7 @@ async def test_go_derper_and_derpkit_get_the_same_key_from_setec_and_mesh(
 
 
 def test_secret_name_is_go_path_join() -> None:
-    from derpkit.server.admission.setec import secret_name
+    from derpkit.setec import secret_name
 
     assert secret_name("prod/derp") == "prod/derp/meshkey"
     assert secret_name("prod/derp/") == "prod/derp/meshkey"

@@ -1,5 +1,6 @@
-"""Who may connect and with which secrets: verify-clients, verify-client-url, setec.
+"""Who may connect: verify-clients, verify-client-url, the allowed-keys file.
 
-Admission decides after the DERP handshake (verify.py) or before start-up (setec.py fetches
-the mesh key); the relay calls it through a plain callable, so it never imports this.
+Admission decides after the DERP handshake (verify.py); the relay calls it through a plain
+callable, so it never imports this. The mesh key's setec client is ``derpkit/setec.py``,
+outside the server, because derpkit probe fetches the same secret the same way.
 """

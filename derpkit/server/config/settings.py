@@ -160,7 +160,7 @@ def _http_port(value: int) -> str | None:
 
 def _setec_url(value: str) -> str | None:
     """derper accepts any string and then retries an unusable URL for ever; refuse it."""
-    from derpkit.server.admission.setec import check_url
+    from derpkit.setec import check_url
 
     return check_url(value)
 

@@ -44,10 +44,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from derpkit.atomicfile import write_atomic
 from derpkit.gosyntax import format_duration
 from derpkit.protocol.constants import PROTOCOL_VERSION
 from derpkit.server import metrics
-from derpkit.server.atomicfile import write_atomic
 
 if TYPE_CHECKING:
     from derpkit.protocol.keys import NodePublic

@@ -1,5 +1,8 @@
 """The mesh key from a setec server (``-secrets-url``), as Go derper v1.102.3 gets it.
 
+Used by ``derpkit serve`` and ``derpkit probe`` alike (derpprobe takes the same three
+flags), so it lives beside ``gosyntax`` rather than in the server.
+
 derper hands this job to setec's client library (``github.com/tailscale/setec/client/setec``,
 pinned in tailscale's go.mod): a file cache, then a ``Store`` that is opened for one secret,
 read once and closed. What that amounts to, and what this module reproduces (details and
@@ -38,8 +41,8 @@ from typing import Any
 
 import aiohttp
 
+from derpkit.atomicfile import write_atomic
 from derpkit.gosyntax import go_quote
-from derpkit.server.atomicfile import write_atomic
 
 log = logging.getLogger("derpkit.serve")
 
