@@ -141,7 +141,9 @@ async def discover(
     # Mapping (§4.3): the same socket toward the alternate IP, then the alternate IP and port.
     targets: list[Addr] = []
     if rfc5780 and other is not None:
-        targets += [(other[0], server[1]), other]
+        # RFC 5780's two, then the primary IP's other port: it tells address-dependent from
+        # address-and-port-dependent on its own, and proves that port answers at all.
+        targets += [(other[0], server[1]), other, (server[0], other[1])]
     targets += [a for a in extra if a != server and a not in targets]
     for target in targets:
         # Tailscale's shape is answered by every kind of server (Go derper included).
@@ -160,7 +162,8 @@ async def discover(
 
     jobs = []
     if rfc5780 and other is not None:
-        jobs.append(_filtering(p, server, other, report))
+        silent = {o.server for o in mapping_obs if not o.answered}
+        jobs.append(_filtering(p, server, other, report, silent))
     if report.nat and first.mapped is not None:
         jobs.append(_hairpinning(p, first.mapped, report))
     elif report.nat is False:
@@ -175,7 +178,9 @@ async def discover(
     return report
 
 
-async def _filtering(p: Prober, server: Addr, other: Addr, report: NatReport) -> None:
+async def _filtering(
+    p: Prober, server: Addr, other: Addr, report: NatReport, silent: set[Addr]
+) -> None:
     """§4.4 from a socket that has talked to ``server`` only; both change tests at once
     (replies do not open filters, so running them together changes nothing)."""
     base = await p.ask(SOCK_FILTERING, server)
@@ -197,6 +202,17 @@ async def _filtering(p: Prober, server: Addr, other: Addr, report: NatReport) ->
             return
         if o.error and o.error.startswith("error_response"):
             report.filtering_detail = f"the server refused CHANGE-REQUEST ({o.error})"
+            return
+    # Silence from an address that did not answer a direct request either says nothing about
+    # our filter: something on the server's side (a firewall, the second IP not routed) is
+    # dropping it.
+    for o, src in ((both, other), (port, (server[0], other[1]))):
+        if not o.answered and src in silent:
+            report.filtering_detail = (
+                f"{join_host_port(*src)} did not answer a direct request either, so its "
+                "silence to a CHANGE-REQUEST proves nothing (is the server's second address "
+                "or port open?)"
+            )
             return
     report.filtering = classify_filtering(both.answered, port.answered)
     if report.filtering == EIM:

@@ -70,6 +70,7 @@ class FakeNat:
     lifetime: float = 1e9
     rfc5780: bool = True
     silent: bool = False  # a Go derper that answers only Tailscale-shaped requests if "plain"
+    blocked: str | None = None  # a server-side firewall dropping everything of this IP
     family: str = "ipv4"
     clock: Clock = field(default_factory=Clock)
     maps: dict[tuple[Any, ...], tuple[int, float]] = field(default_factory=dict)
@@ -129,7 +130,7 @@ class FakeNat:
             return Observation(sock, server, None, change=change, sent=sent, error="timeout")
         src = ((A2 if server[0] == A1 else A1) if change_ip else server[0],
                (P2 if server[1] == P1 else P1) if change_port else server[1])
-        if not self._in(sock, src):
+        if not self._in(sock, src) or self.blocked in (src[0], server[0]):
             return Observation(sock, server, None, change=change, sent=sent, error="timeout")
         other = ((A2 if server[0] == A1 else A1), (P2 if server[1] == P1 else P1))
         return Observation(sock, server, mapped, origin=src, response_origin=src,
@@ -257,3 +258,12 @@ def test_classify_mapping_needs_two_ips_for_eim() -> None:
         "address-and-port-dependent")
     assert classify_filtering(True, None) == "endpoint-independent"
     assert classify_filtering(False, None) == "unknown"
+
+
+async def test_silent_second_ip_is_not_read_as_filtering() -> None:
+    """A firewall on the server side dropping the second IP must not look like a strict NAT."""
+    r = await run(FakeNat(mapping="eim", filtering="eif", blocked=A2))
+    assert r.filtering == "unknown"
+    assert "did not answer a direct request either" in r.filtering_detail
+    assert any("did not answer" in n for n in r.notes)
+    assert "Filtering not measured" in verdict_text(r)
