@@ -95,21 +95,37 @@ class TestCA:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(directory, path, key, cert)
 
-    def issue(self, stem: str, dns: list[str], ips: list[str]) -> Leaf:
-        """A server certificate signed by this CA, written as ``<stem>.crt``/``<stem>.key``."""
+    def issue(
+        self,
+        stem: str,
+        dns: list[str],
+        ips: list[str],
+        *,
+        directory: Path | None = None,
+        not_before: dt.timedelta = dt.timedelta(hours=-1),
+        not_after: dt.timedelta = dt.timedelta(days=20),
+        crl_url: str | None = None,
+        fullchain: bool = False,
+    ) -> Leaf:
+        """A server certificate signed by this CA, written as ``<stem>.crt``/``<stem>.key``
+        (in ``directory``, default the CA's own), valid from now+``not_before`` to
+        now+``not_after`` (either may be in the past). ``crl_url`` adds a CRL distribution
+        point; ``fullchain`` writes the CA certificate after the leaf."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
+        where = directory if directory is not None else self.dir
+        where.mkdir(parents=True, exist_ok=True)
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(_name(dns[0] if dns else ips[0]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_before(now + not_before)
             # derpprobe's TLS probe fails certificates expiring within 7 days.
-            .not_valid_after(now + dt.timedelta(days=20))
+            .not_valid_after(now + not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
@@ -122,14 +138,30 @@ class TestCA:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
-            .sign(self.key, hashes.SHA256())
         )
-        crt = self.dir / f"{stem}.crt"
-        keyp = self.dir / f"{stem}.key"
-        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if crl_url:
+            builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        crt = where / f"{stem}.crt"
+        keyp = where / f"{stem}.key"
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        if fullchain:
+            pem += self.cert.public_bytes(serialization.Encoding.PEM)
+        crt.write_bytes(pem)
         keyp.write_bytes(_pem_key(key))
         keyp.chmod(0o600)
         return Leaf(crt, keyp, cert.public_bytes(serialization.Encoding.DER))
+
+    def crl(self, revoked: list[int]) -> bytes:
+        """A DER CRL signed by this CA listing ``revoked`` serial numbers, next update in a day."""
+        now = dt.datetime.now(dt.UTC)
+        b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+             .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=1)))
+        for serial in revoked:
+            b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                          .revocation_date(now - dt.timedelta(hours=2)).build())
+        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.cert_path))

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 from pathlib import Path
 from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from derpkit.probe.derpconn import ProbeEnv
 from derpkit.probe.dmap import MapHolder
@@ -18,7 +12,7 @@ from derpkit.probe.flags import parse_args
 from derpkit.probe.model import Outcome
 from derpkit.probe.scheduler import Prober
 from derpkit.protocol.keys import MeshKey
-from tests.interop.pki import Leaf, TestCA, _name, _pem_key
+from tests.interop.pki import Leaf, TestCA
 
 #: Short intervals: each probe's deadline is 80 % of its interval.
 FAST = ["-spread=false", "-interval", "5s", "-tls-interval", "3s", "-stun-interval", "3s",
@@ -63,46 +57,10 @@ def result(prober: Prober, name: str) -> Outcome:
 
 
 def issue(ca: TestCA, directory: Path, stem: str, dns: list[str], *, ips: tuple[str, ...] = ("127.0.0.1",),
-          not_before: dt.timedelta = dt.timedelta(hours=-1), not_after: dt.timedelta = dt.timedelta(days=20),
-          crl_url: str | None = None, fullchain: bool = False) -> Leaf:
-    """A CA-signed leaf valid from now+not_before to now+not_after (either may be in the past);
-    ``crl_url`` adds a CRL distribution point, ``fullchain`` puts the CA after the leaf."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(dns[0] if dns else ips[0]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + not_before)
-        .not_valid_after(now + not_after)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-    )
-    if crl_url:
-        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-            [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), critical=False)
-    cert = builder.sign(ca.key, hashes.SHA256())
-    crt, keyp = directory / f"{stem}.crt", directory / f"{stem}.key"
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    if fullchain:
-        pem += ca.cert.public_bytes(serialization.Encoding.PEM)
-    crt.write_bytes(pem)
-    keyp.write_bytes(_pem_key(key))
-    return Leaf(crt, keyp, cert.public_bytes(serialization.Encoding.DER))
+          **kw: Any) -> Leaf:
+    """``TestCA.issue`` with the leaf written into ``directory`` (dates, CRL, full chain in ``kw``)."""
+    return ca.issue(stem, dns, list(ips), directory=directory, **kw)
 
 
 def crl(ca: TestCA, revoked: list[int]) -> bytes:
-    """A DER CRL signed by ``ca`` listing ``revoked`` serial numbers, next update in a day."""
-    now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
-         .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=1)))
-    for serial in revoked:
-        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
-                                      .revocation_date(now - dt.timedelta(hours=2)).build())
-    return b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    return ca.crl(revoked)
