@@ -54,7 +54,7 @@ from .errors import (
     DerpTimeoutError,
     DerpUpgradeError,
 )
-from .tls import check_pin, meta_cert_server_key, plan_tls
+from .tls import check_name, check_pin, meta_cert_server_key, plan_tls
 
 __all__ = ["DerpClient", "DerpURL", "parse_url"]
 
@@ -458,11 +458,14 @@ class DerpClient:
             server_hostname=plan.server_name if plan else None,
         )
         self._backend = proto
-        if plan is not None and plan.pin_sha256 is not None:
+        if plan is not None and (plan.pin_sha256 is not None or plan.verify_name is not None):
             sslobj = transport.get_extra_info("ssl_object")
-            check_pin(
-                sslobj.getpeercert(binary_form=True) if sslobj else None, plan.pin_sha256, self.url
-            )
+            der = sslobj.getpeercert(binary_form=True) if sslobj else None
+            if plan.pin_sha256 is not None:
+                check_pin(der, plan.pin_sha256, self.url)
+            else:
+                assert plan.verify_name is not None
+                check_name(der, plan.verify_name, self.url)
         if (server_key is None or server_key.is_zero()) and plan is not None:
             server_key = meta_cert_server_key(transport.get_extra_info("ssl_object"))
         core = self._new_core(u, server_key, False, ideal_node)
@@ -483,11 +486,13 @@ class DerpClient:
 
         sslarg: Any = False
         server_hostname = None
+        verify_name: str | None = None
         if u.tls:
             plan = plan_tls(u.host, cert_name=cert_name, insecure=insecure, context=ctx)
             sslarg = aiohttp.Fingerprint(plan.pin_sha256) if plan.pin_sha256 else plan.context
             if plan.server_name != u.host or dial_host:
                 server_hostname = plan.server_name
+            verify_name = plan.verify_name
         headers = {"Host": u.host_header} if dial_host else {}
         session = aiohttp.ClientSession()
         try:
@@ -520,6 +525,16 @@ class DerpClient:
         except BaseException:
             await session.close()
             raise
+        if verify_name is not None:
+            # aiohttp has no hook between its TLS handshake and the upgrade, so the CertName
+            # of a fronted WebSocket node is checked right after; a mismatch still refuses.
+            sslobj = ws.get_extra_info("ssl_object")
+            try:
+                check_name(sslobj.getpeercert(binary_form=True) if sslobj else None, verify_name, self.url)
+            except DerpCertificateError:
+                await ws.close()
+                await session.close()
+                raise
         if ws.protocol != WEBSOCKET_SUBPROTOCOL:
             await ws.close()
             await session.close()

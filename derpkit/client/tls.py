@@ -4,13 +4,22 @@ A DERP-map node's ``CertName`` either pins the SHA-256 of the leaf certificate's
 (``sha256-raw:<hex>``, used for self-signed IP-address servers) or names the TLS server
 name to verify against instead of the dial host. A pin replaces chain verification: the
 certificate is typically self-signed, so the hash *is* the trust decision.
+
+A DNS ``CertName`` is domain fronting, as Tailscale's client does it (spec derp-map §9): the
+SNI stays the node's ``HostName`` (a fronting proxy routes by it) and the chain must be
+valid for ``CertName``. Python's ``server_hostname`` is both SNI and the name checked, so
+the chain is verified with the hostname check off and the name checked after the handshake
+(``check_name``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import ssl
 from dataclasses import dataclass
+
+from cryptography import x509
 
 from derpkit.protocol.constants import META_CERT_CN_PREFIX
 from derpkit.protocol.keys import NodePublic
@@ -25,8 +34,11 @@ class TLSPlan:
     """How to set up TLS for one connection."""
 
     context: ssl.SSLContext
-    server_name: str  # SNI and the name the chain is checked against
+    server_name: str  # SNI (and, unless verify_name is set, the name the chain is checked for)
     pin_sha256: bytes | None = None  # leaf DER hash to require after the handshake
+    #: domain fronting: the chain was verified without a name; the leaf must be valid for
+    #: this name, checked after the handshake with ``check_name``
+    verify_name: str | None = None
 
 
 def _unverified_context() -> ssl.SSLContext:
@@ -68,11 +80,60 @@ def plan_tls(
         pin = parse_pin(cert_name)
         if pin is not None:
             return TLSPlan(_unverified_context(), url_host, pin)
-        ctx = _unverified_context() if insecure else (context or ssl.create_default_context())
-        return TLSPlan(ctx, cert_name)
+        if insecure:
+            return TLSPlan(_unverified_context(), url_host)
+        if cert_name == url_host:
+            return TLSPlan(context or ssl.create_default_context(), url_host)
+        return TLSPlan(_chain_only(context), url_host, verify_name=cert_name)
     if insecure:
         return TLSPlan(_unverified_context(), url_host)
     return TLSPlan(context or ssl.create_default_context(), url_host)
+
+
+def _chain_only(context: ssl.SSLContext | None) -> ssl.SSLContext:
+    """A context that verifies the chain but not the name, trusting what ``context`` trusts.
+
+    The caller's context is not changed (it may be shared); its CA certificates are copied
+    into a fresh default context (which has the system roots as well).
+    """
+    ctx = ssl.create_default_context()
+    if context is not None:
+        for der in context.get_ca_certs(binary_form=True):
+            ctx.load_verify_locations(cadata=der)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 DNS-ID matching: case-insensitive, a ``*`` only as the whole left label."""
+    p, n = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if p.startswith("*."):
+        head, _, rest = n.partition(".")
+        return bool(head) and rest == p[2:] and "." in p[2:]
+    return p == n
+
+
+def check_name(der: bytes | None, name: str, where: str) -> None:
+    """Require the (already chain-verified) leaf to be valid for ``name`` (a CertName)."""
+    if der is None:
+        raise DerpCertificateError(f"{where}: server presented no certificate to check against CertName {name!r}")
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    dns = san.get_values_for_type(x509.DNSName)
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    try:
+        ok = str(ipaddress.ip_address(name)) in ips
+    except ValueError:
+        ok = any(_name_matches(d, name) for d in dns)
+    if not ok:
+        valid = ", ".join(dns + ips) or "no names"
+        raise DerpCertificateError(
+            f"{where}: TLS certificate is not valid for CertName {name!r} (it is valid for {valid})"
+        )
 
 
 def check_pin(der: bytes | None, pin: bytes, where: str) -> None:

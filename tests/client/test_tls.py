@@ -1,4 +1,4 @@
-"""derpkit/client/tls.py: reading derper's meta-certificate off a real TLS connection."""
+"""derpkit/client/tls.py over real TLS connections: derper's meta-certificate, CertName."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from derpkit.client.tls import meta_cert_server_key
+from derpkit.client import DerpCertificateError, DerpClient
+from derpkit.client.tls import _name_matches, meta_cert_server_key
 from derpkit.protocol.keys import NodePrivate
 from derpkit.server.node import DerpNode, NodeOptions
 from derpkit.server.tls import certs
+from tests.interop.pki import TestCA
 
 
 async def _ssl_object(port: int, max_version: ssl.TLSVersion | None = None) -> tuple[object, asyncio.StreamWriter]:
@@ -48,3 +50,47 @@ async def test_key_from_the_chain_over_tls13_only(tmp_path: Path, with_meta: boo
 def test_non_tls_objects_give_none() -> None:
     assert meta_cert_server_key(None) is None
     assert meta_cert_server_key(object()) is None
+
+
+# ------------------------------------------------------------------ CertName as a DNS name
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["tcp", "websocket"])
+async def test_dns_certname_is_domain_fronting(tmp_path: Path, websocket: bool) -> None:
+    """A DNS CertName keeps the SNI at the URL's host (a fronting proxy routes by it) and
+    requires the chain to be valid for CertName, as Tailscale's client does (derp-map §9)."""
+    ca = TestCA.create(tmp_path / "ca")
+    leaf = ca.issue("backend", ["backend.example"], [])
+    server_ctx = leaf.server_context()
+    seen: list[str | None] = []
+    server_ctx.sni_callback = lambda _obj, name, _ctx: seen.append(name)  # type: ignore[assignment,func-returns-value]
+    node = DerpNode(NodeOptions(ssl_context=server_ctx, stun_port=None))
+    await node.start()
+    url = f"https://localhost:{node.port}/derp"
+    try:
+        c = await DerpClient.connect(url, cert_name="backend.example", ssl_context=ca.client_context(),
+                                     websocket=websocket, timeout=5)
+        await c.close()
+        assert seen and set(seen) == {"localhost"}, seen
+        # The chain is fine, but the leaf is not valid for this CertName.
+        with pytest.raises(DerpCertificateError, match=r"not valid for CertName 'elsewhere.example' "
+                                                       r"\(it is valid for backend.example\)"):
+            await DerpClient.connect(url, cert_name="elsewhere.example", ssl_context=ca.client_context(),
+                                     websocket=websocket, timeout=5)
+        # A name the chain is valid for, but from a CA the client does not trust: refused.
+        with pytest.raises(DerpCertificateError):
+            await DerpClient.connect(url, cert_name="backend.example", websocket=websocket, timeout=5)
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize(("pattern", "name", "ok"), [
+    ("backend.example", "BACKEND.example.", True),
+    ("*.example.com", "derp.example.com", True),
+    ("*.example.com", "example.com", False),
+    ("*.example.com", "a.b.example.com", False),
+    ("*.com", "example.com", False),
+    ("derp.example.com", "other.example.com", False),
+])
+def test_certname_matching(pattern: str, name: str, ok: bool) -> None:
+    assert _name_matches(pattern, name) is ok
