@@ -195,10 +195,13 @@ def run_case(case: str) -> dict[str, object]:
     if RULES[case]:
         ns("rtr", "nft", "-f", "-", input=RULES[case])
     extra: list[str] = []
-    if case == "lifetime":
-        for knob, value in (("nf_conntrack_udp_timeout", "2"),
-                            ("nf_conntrack_udp_timeout_stream", "3")):
-            ns("rtr", "sysctl", "-qw", f"net.netfilter.{knob}={value}")
+    # conntrack's UDP timeouts: the kernel defaults, cut short only for the lifetime case.
+    short = case == "lifetime"
+    for knob, value in (("nf_conntrack_udp_timeout", "2" if short else "30"),
+                        ("nf_conntrack_udp_timeout_stream", "3" if short else "120")):
+        # (before conntrack is in use the knobs may not exist yet: only the cut must work)
+        ns("rtr", "sysctl", "-qw", f"net.netfilter.{knob}={value}", check=short)
+    if short:
         extra = ["-lifetime", "6s"]
     if case == "hairpin":
         extra = ["-local", ":40000"]
