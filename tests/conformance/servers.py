@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from derpkit.conformance.target import Target, make_target
-from derpkit.protocol.keys import MeshKey
+from derpkit.protocol.keys import MeshKey, NodePrivate
 from tests.goderper import REQUIRE_ENV, GoDerper, free_port, start_derper
 from tests.server.serve_proc import ServeProc, start_serve
 
@@ -62,6 +62,15 @@ class Server:
     go: GoDerper | None = None
     loop: LoopThread | None = None
     popen: subprocess.Popen[bytes] | None = None
+    key_file: Path | None = None
+
+    @property
+    def private_key(self) -> NodePrivate:
+        """The server's own key (from its key file): fault proxies seal ServerInfo with it."""
+        import json
+
+        assert self.key_file is not None
+        return NodePrivate.parse(json.loads(self.key_file.read_text())["PrivateKey"])
 
     def target(self, *, mesh: bool = True, **kw: Any) -> Target:
         return make_target(self.url, mesh_key=self.mesh_key if mesh else None, cert_name=self.cert_name,
@@ -97,7 +106,7 @@ def serve(workdir: Path, *, tls: bool = False, mesh: bool = True, stun: bool = T
     """``derpkit serve`` on loopback: plain HTTP, or TLS with its self-signed IP certificate."""
     loop = LoopThread()
     mesh_key = MeshKey(secrets.token_bytes(32)) if mesh else None
-    args = ["-a", "127.0.0.1:0", "-http-port", "-1"]
+    args = ["-a", "127.0.0.1:0", "-http-port", "-1", "-c", str(workdir / "derper.key")]
     args += ["-stun-port", "0"] if stun else ["-stun=false"]
     if mesh_key is not None:
         (workdir / "mesh.key").write_text(mesh_key.hex() + "\n")
@@ -115,7 +124,8 @@ def serve(workdir: Path, *, tls: bool = False, mesh: bool = True, stun: bool = T
         assert cert_name, "derpkit serve did not log a CertName:\n" + "".join(proc.log)
     scheme = "https" if tls else "http"
     return Server(f"derpkit-{scheme}", f"{scheme}://127.0.0.1:{proc.port}", mesh_key,
-                  f"127.0.0.1:{proc.stun_port}" if proc.stun_port else None, cert_name, proc=proc, loop=loop)
+                  f"127.0.0.1:{proc.stun_port}" if proc.stun_port else None, cert_name, proc=proc, loop=loop,
+                  key_file=workdir / "derper.key")
 
 
 def derper(workdir: Path, *, tls: bool = False, mesh: bool = True, binary: str | None = None, name: str = "derper") -> Server:
