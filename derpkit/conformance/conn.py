@@ -207,7 +207,7 @@ class Conn(_Base):
         ws_chunk: int = 0,
         pipeline: bytes = b"",
         wait: bool = True,
-        timeout: float = 8.0,  # noqa: ASYNC109
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> Conn:
         """Connect and hand-shake. ``mesh`` sends the target's mesh key.
 
@@ -222,6 +222,7 @@ class Conn(_Base):
             watch_conns=watch_conns, read_timeout=None,
         )
         self = cls(log, label, target, core)
+        timeout = target.connect_timeout if timeout is None else timeout
         self.ws_chunk = ws_chunk
         self._hello = asyncio.get_running_loop().create_future()
         if websocket:
@@ -243,7 +244,8 @@ class Conn(_Base):
             await self.handshake(timeout)
         return self
 
-    async def handshake(self, timeout: float = 8.0) -> ServerInfo:  # noqa: ASYNC109
+    async def handshake(self, timeout: float | None = None) -> ServerInfo:  # noqa: ASYNC109
+        timeout = self.target.connect_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while self.server_info is None:
             if self.closed:
@@ -484,10 +486,11 @@ class RawConn(_Base):
     @classmethod
     async def open(
         cls, log: WireLog, label: str, target: Target, *, request: bytes | None = None,
-        fast_start: bool = False, timeout: float = 8.0,  # noqa: ASYNC109
+        fast_start: bool = False, timeout: float | None = None,  # noqa: ASYNC109
     ) -> RawConn:
         """Connect and send ``request`` (default: the ordinary DERP upgrade)."""
         self = cls(log, label, target)
+        timeout = target.connect_timeout if timeout is None else timeout
         self.transport = await open_stream(target, _Link(self), timeout)
         if request is None:
             request = build_request(target.derp.host_header, target.derp.path, fast_start=fast_start)
@@ -498,11 +501,15 @@ class RawConn(_Base):
         self.buf += data
         self._wake()
 
+    def _t(self, timeout: float | None) -> float:
+        return self.target.io_timeout if timeout is None else timeout
+
     def write(self, data: bytes) -> None:
         self._write(data)
 
-    async def read_head(self, timeout: float = 5.0) -> ResponseHead:  # noqa: ASYNC109
+    async def read_head(self, timeout: float | None = None) -> ResponseHead:  # noqa: ASYNC109
         """The HTTP response head; the bytes after it stay for ``read_frame``."""
+        timeout = self._t(timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -534,8 +541,9 @@ class RawConn(_Base):
         del self.buf[:n]
         return data
 
-    async def read_frame(self, timeout: float = 5.0) -> tuple[int, bytes] | None:  # noqa: ASYNC109
+    async def read_frame(self, timeout: float | None = None) -> tuple[int, bytes] | None:  # noqa: ASYNC109
         """The next frame after the head, or None (closed, or nothing in time)."""
+        timeout = self._t(timeout)
         deadline = time.monotonic() + timeout
         while True:
             if self.buf:
@@ -548,7 +556,8 @@ class RawConn(_Base):
                     continue
                 return None
 
-    async def read_server_key(self, timeout: float = 5.0) -> NodePublic:  # noqa: ASYNC109
+    async def read_server_key(self, timeout: float | None = None) -> NodePublic:  # noqa: ASYNC109
+        timeout = self._t(timeout)
         f = await self.read_frame(timeout)
         if f is None:
             raise Fail(f"{self.label}: no ServerKey frame ({self.close_reason or 'timed out'})")
@@ -560,8 +569,9 @@ class RawConn(_Base):
         self.server_key = NodePublic(sk.key)
         return self.server_key
 
-    async def upgrade(self, timeout: float = 5.0) -> NodePublic:  # noqa: ASYNC109
+    async def upgrade(self, timeout: float | None = None) -> NodePublic:  # noqa: ASYNC109
         """Read the 101 and the ServerKey; ``Fail`` if the server did not upgrade."""
+        timeout = self._t(timeout)
         head = await self.read_head(timeout)
         if head.status != 101:
             raise Fail(f"{self.label}: upgrade answered HTTP {head.status} {head.reason}")
@@ -575,9 +585,10 @@ class RawConn(_Base):
         sealed = seal(self.private_key, self.server_key, json_bytes)
         return F.frame(FrameType.CLIENT_INFO, self.key.raw + sealed)
 
-    async def expect_server_info(self, timeout: float = 5.0) -> ServerInfo:  # noqa: ASYNC109
+    async def expect_server_info(self, timeout: float | None = None) -> ServerInfo:  # noqa: ASYNC109
         from derpkit.protocol.handshake import open_server_info
 
+        timeout = self._t(timeout)
         f = await self.read_frame(timeout)
         if f is None:
             raise Fail(f"{self.label}: no ServerInfo ({self.close_reason or f'nothing within {timeout:g} s'})")

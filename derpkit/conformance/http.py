@@ -38,9 +38,10 @@ def build(target: Target, method: str, path: str, headers: dict[str, str] | None
 
 async def request(
     log: WireLog, target: Target, method: str, path: str, headers: dict[str, str] | None = None,
-    *, label: str = "http", timeout: float = 5.0,  # noqa: ASYNC109
+    *, label: str = "http", timeout: float | None = None,  # noqa: ASYNC109
 ) -> HttpResponse:
     """Send one request and read the whole response (Content-Length, or until close)."""
+    timeout = target.io_timeout if timeout is None else timeout
     raw = await RawConn.open(log, label, target, request=build(target, method, path, headers), timeout=timeout)
     try:
         head = await raw.read_head(timeout)

@@ -33,6 +33,9 @@ class Target:
     #: Default wait for "the server closes the connection" and "nothing arrives" checks.
     patience: float = 3.0
     quiet: float = 0.4
+    #: How long to wait for an expected HTTP head or frame, and for a whole connect.
+    io_timeout: float = 5.0
+    connect_timeout: float = 8.0
 
     @property
     def tls(self) -> bool:

@@ -933,7 +933,8 @@ class KeepAliveStorm(Fault):
 
     def admitted(self, pc: ProxyConn) -> None:
         async def storm() -> None:
-            while not pc.closed:
+            t0 = time.monotonic()
+            while not pc.closed and time.monotonic() - t0 < 2.0:  # keepalive/3 watches 1.5 s
                 await asyncio.sleep(0.1)
                 pc.to_client(F.KEEPALIVE_BYTES)
 

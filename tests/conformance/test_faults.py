@@ -67,7 +67,7 @@ async def test_fault_fails_exactly_its_cases(backend: servers.Server, cls: type[
     try:
         target = make_target(f"http://127.0.0.1:{proxy.port}", mesh_key=backend.mesh_key if fault.mesh else None)
         # A correct server closes or answers at once; the patience only bounds the faulty case.
-        target = dataclasses.replace(target, patience=1.5)
+        target = dataclasses.replace(target, patience=1.5, io_timeout=2.5, connect_timeout=3.0)
         r = await run(select(exclude=["stun", *fault.exclude]), target, strict=True, jobs=1 if fault.sequential else 12)
     finally:
         await proxy.stop()
