@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import struct
 import time
 from collections.abc import Awaitable
@@ -84,6 +85,8 @@ class Fault:
     #: server sees the proxy, so it fails by construction and is left out, except for
     #: ``ProxyAddress``, which is exactly that defect.
     exclude: tuple[str, ...] = ("mesh/15",)
+    #: Terminate TLS in the proxy (its own certificate) in front of the plain server.
+    tls = False
 
     #: Drop whatever the client wrote in the same segment as its request head.
     drop_after_head = False
@@ -174,8 +177,9 @@ class FrameBeforeServerInfo(Fault):
 class FaultProxy:
     """TCP proxy from a loopback port to the real server, applying ``fault``."""
 
-    def __init__(self, upstream: tuple[str, int], fault: Fault) -> None:
+    def __init__(self, upstream: tuple[str, int], fault: Fault, ssl_context: ssl.SSLContext | None = None) -> None:
         self.upstream = upstream
+        self.ssl_context = ssl_context
         self.fault = fault
         self.conns: set[ProxyConn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,7 +187,7 @@ class FaultProxy:
         self.port = 0
 
     async def start(self) -> FaultProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -1067,3 +1071,47 @@ class StunOncePerTransaction(StunFault):
             return None
         self.seen.add(txid)
         return answer
+
+
+class DropToSelf(Fault):
+    name = "packets to one's own key dropped"
+    # relay/4 checks it; the others send to themselves to see a frame go through.
+    expected = frozenset({"relay/4", "fast-start/3", "fast-start/5", "framing/1", "framing/8"})
+
+    def c2s(self, pc: ProxyConn, ftype: int, frame: bytes) -> bool:
+        return not (ftype == FrameType.SEND_PACKET and pc.key is not None
+                    and frame[FRAME_HEADER_LEN : FRAME_HEADER_LEN + KEY_LEN] == pc.key)
+
+
+class WrongSource(Fault):
+    name = "RecvPacket names the wrong sender"
+    # Every case that checks the source key, and relay/8, which answers to it.
+    expected = frozenset({"relay/1", "relay/4", "relay/8", "fast-start/3", "fast-start/5", "mesh/8", "websocket/2"})
+
+    def s2c(self, pc: ProxyConn, ftype: int, frame: bytes) -> bool:
+        if ftype == FrameType.RECV_PACKET and len(frame) >= FRAME_HEADER_LEN + KEY_LEN:
+            pc.to_client(frame[:FRAME_HEADER_LEN] + os.urandom(KEY_LEN) + frame[FRAME_HEADER_LEN + KEY_LEN :])
+            return False
+        return True
+
+
+class PongMismatch(Fault):
+    name = "Pong echoes other bytes"
+    # ping/1 and ping/2 check the echo; the rest prove a link alive with a Ping.
+    expected = frozenset({"ping/1", "ping/2", "framing/4", "framing/6", "framing/10", "framing/11", "relay/2",
+                          "relay/5", "relay/7", "peer-gone/3", "peer-gone/5", "mesh/2", "mesh/4", "mesh/9"})
+
+    def s2c(self, pc: ProxyConn, ftype: int, frame: bytes) -> bool:
+        if ftype == FrameType.PONG:
+            pc.to_client(frame[:FRAME_HEADER_LEN] + bytes(b ^ 0xA5 for b in frame[FRAME_HEADER_LEN:]))
+            return False
+        return True
+
+
+class TlsWithoutMetaCert(Fault):
+    """A TLS terminator (its own self-signed certificate) in front of a plain-HTTP server:
+    DERP works, but the chain has no meta-certificate."""
+
+    name = "TLS without the meta-certificate"
+    expected = frozenset({"tls/2", "tls/3", "tls/5"})
+    tls = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from derpkit.conformance.runner import run
 from derpkit.conformance.target import make_target
 from tests.conformance import faultproxy as fp
 from tests.conformance import servers
+from tests.interop.pki import self_signed_ip
 
 #: Every DERP fault: the class, and whether it needs the server's keys to do its damage.
 FAULTS: list[type[fp.Fault]] = [
@@ -41,6 +43,10 @@ FAULTS: list[type[fp.Fault]] = [
     # mesh/
     fp.MeshUnchecked, fp.WrongMeshKeyRefused, fp.NoSelfInFlood, fp.NoPresenceFlags, fp.ForwardNamesMeshPeer,
     fp.ClosePeerIgnored, fp.WatchConnsLengthUnchecked,
+    # foundations: each breaks something many cases rely on
+    fp.DropToSelf, fp.WrongSource, fp.PongMismatch,
+    # tls/
+    fp.TlsWithoutMetaCert,
 ]
 STUN_FAULTS: list[type[fp.StunFault]] = [
     fp.StunFault, fp.StunAnswersGarbage, fp.StunWrongAddress, fp.StunWrongTxid, fp.StunOncePerTransaction,
@@ -61,11 +67,17 @@ def _port(url: str) -> int:
 
 
 @pytest.mark.parametrize("cls", FAULTS, ids=lambda c: c.name)
-async def test_fault_fails_exactly_its_cases(backend: servers.Server, cls: type[fp.Fault]) -> None:
+async def test_fault_fails_exactly_its_cases(backend: servers.Server, cls: type[fp.Fault], tmp_path: Path) -> None:
     fault = cls(backend.private_key, backend.mesh_key) if issubclass(cls, fp._ServerKeyFault) else cls()
-    proxy = await fp.FaultProxy(("127.0.0.1", _port(backend.url)), fault).start()
+    ctx, pin = None, None
+    if fault.tls:
+        leaf = self_signed_ip(tmp_path)
+        ctx, pin = leaf.server_context(), leaf.cert_name
+    proxy = await fp.FaultProxy(("127.0.0.1", _port(backend.url)), fault, ctx).start()
     try:
-        target = make_target(f"http://127.0.0.1:{proxy.port}", mesh_key=backend.mesh_key if fault.mesh else None)
+        scheme = "https" if fault.tls else "http"
+        target = make_target(f"{scheme}://127.0.0.1:{proxy.port}", mesh_key=backend.mesh_key if fault.mesh else None,
+                             cert_name=pin)
         # A correct server closes or answers at once; the patience only bounds the faulty case.
         target = dataclasses.replace(target, patience=1.5, io_timeout=2.5, connect_timeout=3.0)
         r = await run(select(exclude=["stun", *fault.exclude]), target, strict=True, jobs=1 if fault.sequential else 12)
