@@ -116,19 +116,22 @@ def print_table(run: Run, console: Any) -> None:
     """A rich table per area, then one summary line."""
     from rich.table import Table
 
+    wide = getattr(console, "width", 80) >= 140  # the title column only when it fits
     for area in AREAS:
         rs = [r for r in run.results if r.case.area == area]
         if not rs:
             continue
         t = Table(title=area, title_justify="left", expand=False, show_lines=False)
         t.add_column("case", no_wrap=True)
-        t.add_column("title")
+        if wide:
+            t.add_column("title")
         t.add_column("level", no_wrap=True)
         t.add_column("result", no_wrap=True)
         t.add_column("reason")
         for r in rs:
-            t.add_row(r.case.id, r.case.title, r.case.level.value,
-                      f"[{STYLE[r.result]}]{r.result.value}[/]", r.reason)
+            cells = [r.case.id] + ([r.case.title] if wide else []) + [
+                r.case.level.value, f"[{STYLE[r.result]}]{r.result.value}[/]", r.reason]
+            t.add_row(*cells)
         console.print(t)
     c = run.counts()
     console.print(
