@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 import struct
 import time
@@ -87,6 +88,8 @@ class Fault:
     exclude: tuple[str, ...] = ("mesh/15",)
     #: Terminate TLS in the proxy (its own certificate) in front of the plain server.
     tls = False
+    #: With ``tls``: also serve plain HTTP on the same port (a sniffing listener).
+    plain_too = False
 
     #: Drop whatever the client wrote in the same segment as its request head.
     drop_after_head = False
@@ -187,13 +190,52 @@ class FaultProxy:
         self.port = 0
 
     async def start(self) -> FaultProxy:
+        if self.fault.plain_too and self.ssl_context is not None:
+            return await self._start_sniffing()
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _start_sniffing(self) -> FaultProxy:
+        """One port, two protocols: a TLS ClientHello (first byte 0x16) gets TLS, anything
+        else is served in the clear, as a listener that sniffs would."""
+        loop = asyncio.get_running_loop()
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(64)
+        lsock.setblocking(False)
+        self.port = lsock.getsockname()[1]
+        self._lsock = lsock
+
+        async def serve_one(sock: socket.socket) -> None:
+            first = b""
+            for _ in range(100):
+                try:
+                    first = sock.recv(1, socket.MSG_PEEK)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            reader = asyncio.StreamReader()
+            proto = asyncio.StreamReaderProtocol(reader, self._handle)
+            await loop.connect_accepted_socket(
+                lambda: proto, sock, ssl=self.ssl_context if first == b"\x16" else None)
+
+        async def accept_loop() -> None:
+            while True:
+                sock, _ = await loop.sock_accept(lsock)
+                t = asyncio.ensure_future(serve_one(sock))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+
+        self._accept = asyncio.ensure_future(accept_loop())
         return self
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        if getattr(self, "_accept", None) is not None:
+            self._accept.cancel()
+            self._lsock.close()
         for pc in list(self.conns):
             pc.closed = True
             pc.client.transport.abort()
@@ -1115,3 +1157,11 @@ class TlsWithoutMetaCert(Fault):
     name = "TLS without the meta-certificate"
     expected = frozenset({"tls/2", "tls/3", "tls/5"})
     tls = True
+
+
+class PlainOnTlsPort(TlsWithoutMetaCert):
+    """The same TLS terminator, but a client speaking plain HTTP on its port gets DERP too."""
+
+    name = "plain HTTP DERP on the TLS port"
+    expected = frozenset({"tls/2", "tls/3", "tls/5", "tls/6"})
+    plain_too = True

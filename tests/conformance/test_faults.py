@@ -46,7 +46,7 @@ FAULTS: list[type[fp.Fault]] = [
     # foundations: each breaks something many cases rely on
     fp.DropToSelf, fp.WrongSource, fp.PongMismatch,
     # tls/
-    fp.TlsWithoutMetaCert,
+    fp.TlsWithoutMetaCert, fp.PlainOnTlsPort,
 ]
 STUN_FAULTS: list[type[fp.StunFault]] = [
     fp.StunFault, fp.StunAnswersGarbage, fp.StunWrongAddress, fp.StunWrongTxid, fp.StunOncePerTransaction,

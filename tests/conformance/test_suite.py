@@ -20,11 +20,17 @@ from tests.conformance import servers
 LONG = {"handshake/16", "keepalive/2"}
 
 
-@pytest.fixture(scope="module", params=["derpkit-http", "derpkit-https", "derper-http", "derper-https"])
+@pytest.fixture(scope="module", params=["derpkit-http", "derpkit-https", "derper-http", "derper-https",
+                                        "derpkit-http-nomesh", "derper-http-nomesh"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
-    kind, scheme = request.param.split("-")
+    """Each server with a mesh key (the suite is given it), and two without one at all."""
+    kind, scheme, *rest = request.param.split("-")
+    mesh = not rest
     wd = tmp_path_factory.mktemp(request.param)
-    s = servers.serve(wd, tls=scheme == "https") if kind == "derpkit" else servers.derper(wd, tls=scheme == "https")
+    if kind == "derpkit":
+        s = servers.serve(wd, tls=scheme == "https", mesh=mesh)
+    else:
+        s = servers.derper(wd, tls=scheme == "https", mesh=mesh)
     try:
         yield s
     finally:
@@ -43,6 +49,8 @@ async def test_whole_suite_passes(server: servers.Server) -> None:
     by_id = {x.case.id: x for x in r.results}
     skipped = {i for i, x in by_id.items() if x.result is Result.SKIP}
     expected_skip = set(LONG) | ({c.id for c in select(["tls"])} if not server.url.startswith("https") else set())
+    if server.mesh_key is None:
+        expected_skip |= {c.id for c in select(["mesh"]) if c.needs}
     assert skipped == expected_skip, summary(r)
     # Every MUST case really ran and passed: none turned into INFO.
     musts = [x for x in r.results if x.case.level is Level.MUST and x.result is not Result.SKIP]
