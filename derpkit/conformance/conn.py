@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from derpkit.client.tls import check_pin, meta_cert_server_key
 from derpkit.protocol import frames as F
 from derpkit.protocol.connection import ClientConnection
-from derpkit.protocol.constants import KEY_LEN, SERVER_KEY_LEN, WEBSOCKET_SUBPROTOCOL, FrameType
+from derpkit.protocol.constants import WEBSOCKET_SUBPROTOCOL, FrameType
 from derpkit.protocol.errors import ProtocolError
 from derpkit.protocol.events import (
     ConnectionFailed,
@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from .target import Target
 
 E = TypeVar("E", bound=Event)
+
+
+def _name(ftype: int) -> str:
+    try:
+        return FrameType(ftype).name
+    except ValueError:
+        return f"0x{ftype:02x}"
 
 
 class _Link(asyncio.Protocol):
@@ -594,7 +601,7 @@ class RawConn(_Base):
             raise Fail(f"{self.label}: no ServerInfo ({self.close_reason or f'nothing within {timeout:g} s'})")
         ftype, payload = f
         if ftype != FrameType.SERVER_INFO:
-            raise Fail(f"{self.label}: first frame after ClientInfo is {FrameType(ftype).name if ftype in FrameType._value2member_map_ else hex(ftype)}, not ServerInfo")
+            raise Fail(f"{self.label}: first frame after ClientInfo is {_name(ftype)}, not ServerInfo")
         assert self.server_key is not None
         try:
             return open_server_info(self.private_key, self.server_key, payload)
@@ -605,10 +612,10 @@ class RawConn(_Base):
         """None when the server closed without sending a frame; else what went wrong."""
         f = await self.read_frame(timeout)
         if f is not None:
-            return f"server sent a {FrameType(f[0]).name if f[0] in FrameType._value2member_map_ else hex(f[0])} frame instead of closing"
+            return f"server sent a {_name(f[0])} frame instead of closing"
         if not self.closed:
             return f"connection still open after {timeout:g} s"
         return None
 
 
-__all__ = ["KEY_LEN", "SERVER_KEY_LEN", "Conn", "RawConn", "open_stream"]
+__all__ = ["Conn", "RawConn", "open_stream"]

@@ -39,7 +39,6 @@ class Need(enum.Enum):
     MESH_KEY = "mesh key"
     STUN = "STUN"
     TLS = "TLS"
-    PLAIN = "plain HTTP"
     LONG = "--long"
 
 

@@ -51,8 +51,6 @@ def missing_need(case: Case, target: Target) -> str | None:
             return "needs a STUN address (--stun HOST:PORT)"
         if need is Need.TLS and not target.tls:
             return "needs an https:// target"
-        if need is Need.PLAIN and target.tls:
-            return "needs a plain http:// target"
         if need is Need.LONG and not target.long:
             return f"waits on the server's own timers (up to {case.timeout:g} s); run with --long"
     return None

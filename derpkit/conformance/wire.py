@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from derpkit.protocol.constants import FRAME_HEADER_LEN, FrameType
+from derpkit.protocol.constants import FrameType
 from derpkit.protocol.frames import FrameReader
 from derpkit.protocol.upgrade import split_head
 
@@ -112,4 +112,4 @@ class Tap:
         self.log.add(self.conn, self.direction, what, len=len(data), hex=data[:PREVIEW].hex())
 
 
-__all__ = ["FRAME_HEADER_LEN", "MAX_ENTRIES", "Tap", "WireLog", "frame_name"]
+__all__ = ["MAX_ENTRIES", "Tap", "WireLog", "frame_name"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from derpkit.protocol.constants import DISCO_MAGIC, DISCO_MIN_LEN, KEY_LEN, FrameType
+from derpkit.protocol.constants import DISCO_MAGIC, DISCO_MIN_LEN, FrameType
 from derpkit.protocol.keys import NodePrivate, NodePublic
 
 from ..context import CaseContext
-from ..registry import Fail
 
 
 def disco(n: int = DISCO_MIN_LEN) -> bytes:
@@ -42,13 +41,4 @@ async def server_key(ctx: CaseContext) -> NodePublic:
         raw.close()
 
 
-def short(b: bytes, n: int = 8) -> str:
-    return b[:n].hex() + ("…" if len(b) > n else "")
-
-
-def must_equal(what: str, got: object, want: object) -> None:
-    if got != want:
-        raise Fail(f"{what} is {got!r}, want {want!r}")
-
-
-__all__ = ["KEY_LEN", "disco", "ftype_name", "must_equal", "plain", "server_key", "short", "stranger"]
+__all__ = ["disco", "ftype_name", "plain", "server_key", "stranger"]
