@@ -10,7 +10,7 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 GOBIN="${GOBIN:-$(go env GOPATH)/bin}"
 export GOBIN
-for cmd in derper derpprobe stunc tailscaled; do
+for cmd in derper derpprobe stunc tailscaled tailscale; do
   if [ -x "$GOBIN/$cmd" ] && [ -f "$GOBIN/.$cmd.version" ] && [ "$(cat "$GOBIN/.$cmd.version")" = "$TAILSCALE_VERSION" ]; then
     continue
   fi
@@ -23,7 +23,7 @@ echo "install-go-peers: $TAILSCALE_VERSION in $GOBIN" >&2
 # DERP client shell, setec's server code, the bench generator), so the first test that
 # builds one is not charged a cold compile inside its timeout.
 here="$(cd "$(dirname "$0")/.." && pwd)"
-for dir in tests/interop/goclient tests/server/setecserver bench/derpgen; do
+for dir in tests/interop/goclient tests/server/setecserver bench/derpgen tests/e2e/control; do
   if [ -f "$here/$dir/go.mod" ]; then
     (cd "$here/$dir" && GOFLAGS=-mod=mod go build -o /dev/null .) || { echo "install-go-peers: building $dir failed" >&2; exit 1; }
   fi
