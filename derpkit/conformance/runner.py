@@ -113,7 +113,18 @@ async def check_reachable(target: Target, timeout: float = 5.0) -> None:  # noqa
         raise TargetUnreachable(f"TLS to {u.host}:{u.port} failed: {e.reason or e} (is it plain HTTP?)") from None
     except OSError as e:
         raise TargetUnreachable(f"cannot reach {u.host}:{u.port}: {e.strerror or e}") from None
-    transport.abort()
+    try:
+        if plan is not None and plan.pin_sha256 is not None:
+            from derpkit.client.errors import DerpCertificateError
+            from derpkit.client.tls import check_pin
+
+            sslobj = transport.get_extra_info("ssl_object")
+            try:
+                check_pin(sslobj.getpeercert(binary_form=True) if sslobj else None, plan.pin_sha256, target.url)
+            except DerpCertificateError as e:
+                raise TargetUnreachable(str(e)) from None
+    finally:
+        transport.abort()
 
 
 async def run(

@@ -84,6 +84,16 @@ async def test_errors_are_one_line(args: list[str], needle: str) -> None:
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+async def test_a_wrong_pin_is_one_line(tmp_path: Path) -> None:
+    s = servers.serve(tmp_path, tls=True, mesh=False, stun=False)
+    try:
+        rc, out, err = await _cli(s.url, "--cert-name", "sha256-raw:" + "00" * 32)
+    finally:
+        s.stop()
+    assert rc == 2, out + err
+    assert "does not match the CertName pin" in err and len(err.strip().splitlines()) == 1, err
+
+
 async def test_list_names_every_case() -> None:
     rc, out, _ = await _cli("--list", "--cases", "mesh")
     assert rc == 0
