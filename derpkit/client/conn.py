@@ -310,6 +310,7 @@ class DerpClient:
         self._pings: dict[bytes, asyncio.Future[float]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._stage = ""  # the connect step in progress, for timeout messages
 
     # ------------------------------------------------------------------ core state
 
@@ -404,7 +405,7 @@ class DerpClient:
                         u, cert_name, insecure_tls, ssl_context, dial_host, ideal_node
                     )
                 else:
-                    stage = "TCP/TLS connect"
+                    stage = self._stage = "TCP connect"
                     await self._open_tcp(
                         u, cert_name, insecure_tls, ssl_context, dial_host, server_key, ideal_node
                     )
@@ -414,6 +415,8 @@ class DerpClient:
                     stage = "waiting for ServerInfo (admission)"
                     await asyncio.shield(self._server_info)
         except TimeoutError:
+            if stage == "TCP connect":
+                stage = self._stage  # TLS handshake, once TCP was up
             where = self._core.state.value if self._core is not None else stage
             self.abort()
             detail = where if stage == "DERP upgrade" else stage
@@ -450,14 +453,22 @@ class DerpClient:
         plan = (
             plan_tls(u.host, cert_name=cert_name, insecure=insecure, context=ctx) if u.tls else None
         )
-        transport, proto = await self._loop.create_connection(
-            lambda: _TcpProtocol(self),
-            dial_host or u.host,
-            u.port,
-            ssl=plan.context if plan else None,
-            server_hostname=plan.server_name if plan else None,
+        # TCP first, then TLS on it, so a timeout or failure names the step that failed
+        # ("TCP connect" means packets dropped; "TLS handshake" means something answered
+        # TCP but not TLS, such as a plain-HTTP server waiting for a request line).
+        raw, proto = await self._loop.create_connection(
+            lambda: _TcpProtocol(self), dial_host or u.host, u.port
         )
         self._backend = proto
+        transport: asyncio.BaseTransport = raw
+        if plan is not None:
+            self._stage = "TLS handshake"
+            tls = await self._loop.start_tls(
+                raw, proto, plan.context, server_hostname=plan.server_name  # type: ignore[arg-type]
+            )
+            if tls is None:  # the peer closed during the handshake
+                raise DerpConnectionError(f"connect to {self.url}: closed during the TLS handshake")
+            proto.transport = transport = tls
         if plan is not None and (plan.pin_sha256 is not None or plan.verify_name is not None):
             sslobj = transport.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj else None

@@ -126,10 +126,19 @@ def tcp_failure(exc: BaseException, host: str, port: int, timeout: float) -> Fai
 
 
 def tls_failure(
-    exc: BaseException, host: str, port: int, presented: bytes | None, *, expect_name: str
+    exc: BaseException, host: str, port: int, presented: bytes | None, *, expect_name: str,
+    timeout: float | None = None,
 ) -> Failed:
     """A TLS handshake or verification failure, explained with the certificate presented."""
     where = join_host_port(host, port)
+    if isinstance(exc, TimeoutError):
+        within = f" within {timeout:g} s" if timeout else ""
+        return Failed(
+            f"connecting to {where!r}: TLS handshake timeout",
+            f"TCP to {where} works, but no TLS answer came{within}: the port does not speak "
+            "TLS (a plain-HTTP derper waits silently for a request line), or something in "
+            "front holds the connection",
+        )
     error = f"connecting to {where!r}: {getattr(exc, 'verify_message', None) or exc}"
     info = cert_summary(presented) if presented else None
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -241,8 +250,10 @@ def derp_failure(
         if stage == "admission" or "ServerInfo" in text:
             return Failed(text, f"{node} accepted the DERP upgrade but never admitted us "
                           f"(no ServerInfo within {timeout:g} s): admission check hanging?")
-        if "TCP/TLS connect" in text:
+        if "(TCP connect)" in text:
             return tcp_failure(TimeoutError(), host, port, timeout)
+        if "(TLS handshake)" in text:
+            return tls_failure(TimeoutError(), host, port, None, expect_name=host, timeout=timeout)
         return Failed(text, f"{node} did not finish the DERP handshake within {timeout:g} s ({text.rsplit('(', 1)[-1].rstrip(')')})")
     if isinstance(cause, (OSError,)) and not isinstance(cause, ssl.SSLError):
         return tcp_failure(cause, host, port, timeout)

@@ -92,7 +92,7 @@ async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]
             presented = await presented_leaf(host, port, sni, max(0.5, deadline - loop.time()))
         raise tls_failure(e, host, port, presented, expect_name=check_name) from None
     except (OSError, TimeoutError, EOFError) as e:
-        raise tls_failure(e, host, port, None, expect_name=check_name) from None
+        raise tls_failure(e, host, port, None, expect_name=check_name, timeout=timeout) from None
     if not chain:
         raise Failed(f"connecting to {host}:{port}: no certificate presented", "the server sent no certificate")
     leaf = chain[0]

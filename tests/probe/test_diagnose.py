@@ -107,6 +107,19 @@ async def test_tcp_timeout_is_not_refusal(tmp_path: Path, ca: TestCA) -> None:
         lst.close()
 
 
+async def test_plain_http_derp_server_where_tls_is_expected(tmp_path: Path) -> None:
+    """A derpkit node without TLS waits for a request line, so a TLS ClientHello gets no
+    answer at all: that is a TLS timeout after a working TCP connect, not a dropped SYN."""
+    async with derp_node(stun_port=None) as n:
+        p = await probe_once(tmp_path, dmap((900, "lab", [node("900a", n.port)])),
+                             "-tls-interval", "2s", "-mesh-interval", "2s")
+        for name in ("derp/lab/900a/tls", "derp/lab/900a/900a/mesh"):
+            r = result(p, name)
+            assert not r.ok, (name, r)
+            assert r.diagnosis.startswith(f"TCP to 127.0.0.1:{n.port} works, but no TLS answer came"), (name, r)
+            assert "dropped" not in r.diagnosis
+
+
 async def test_certificate_for_another_name(tmp_path: Path, ca: TestCA) -> None:
     other = issue(ca, tmp_path / "c", "other", ["other.example"], ips=())
     async with derp_node(ssl_context=other.server_context(), stun_port=None) as n:
