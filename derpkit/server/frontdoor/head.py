@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from derpkit.gosyntax import go_quote
 from derpkit.protocol import upgrade
-from derpkit.protocol.errors import ProtocolError
 from derpkit.server import metrics
 from derpkit.server.relay.conn import ClientConn
 
 from . import ace as acemod
+from . import request
 from .goresponse import go_error
 
 if TYPE_CHECKING:
@@ -114,35 +114,40 @@ class FrontDoor(asyncio.Protocol):
                 if self.skip:
                     return
             try:
-                parts = upgrade.split_head(self.buf)
-            except ProtocolError:
-                self._to_http()
+                req = request.parse(self.buf)
+            except request.Refused as e:
+                self._refuse(e)
                 return
-            if parts is None:
+            if req is None:
                 return
-            head, rest = parts
+            rest = self.buf[req.size:]
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-            request_line, _, header_block = head.partition(b"\r\n")
-            fields = request_line.split(b" ")
-            if len(fields) == 3 and fields[0] == b"CONNECT" and fields[2] in (b"HTTP/1.1", b"HTTP/1.0"):
-                lower = {k.lower(): v for k, v in _headers(header_block).items()}
-                if self._connect(fields[1], fields[2] == b"HTTP/1.0", lower, rest):
+            if req.method == b"CONNECT":
+                if self._connect(req, rest):
                     continue
                 return
-            self._request(fields, header_block, rest)
+            self._request(req, rest)
             return
 
-    def _request(self, fields: list[bytes], header_block: bytes, rest: bytes) -> None:
-        if len(fields) != 3 or not self.derp_enabled:
+    def _refuse(self, e: request.Refused) -> None:
+        """A head no two parsers would read alike: Go's answer, then hang up, reading nothing more."""
+        log.debug("front door: refused a request head: %s", e.why)
+        self.buf = b""
+        t = self.transport
+        t.write(e.response)
+        t.close()
+
+    def _request(self, req: request.RequestHead, rest: bytes) -> None:
+        if not self.derp_enabled:
             self._to_http()
             return
-        path = fields[1].split(b"?", 1)[0]
+        path = req.target.split(b"?", 1)[0]
         if path != b"/derp":
             self._to_http()
             return
-        decision = upgrade.decide(_headers(header_block))
+        decision = upgrade.decide(req.as_dict())
         if decision.kind is not upgrade.UpgradeKind.DERP:
             if decision.weird_upgrade:
                 log.info("derp: weird upgrade: %r", decision.weird_upgrade)
@@ -171,24 +176,23 @@ class FrontDoor(asyncio.Protocol):
 
     # ------------------------------------------------------------------ CONNECT
 
-    def _connect(self, uri: bytes, http10: bool, headers: dict[str, str], rest: bytes) -> bool:
-        """Answer a CONNECT (``headers`` keyed in lower case); True when the next request
-        in the buffer should be read now."""
+    def _connect(self, req: request.RequestHead, rest: bytes) -> bool:
+        """Answer a CONNECT; True when the next request in the buffer should be read now."""
+        uri, http10, headers = req.target, req.http10, req.lower_dict()
         t = self.transport
         tls_label = metrics.tls_version_label(t)
         tls = tls_label is not None
         if tls_label is not None:
             # derper counts every TLS request by version, CONNECT included (before any check).
             self.server.stats.tls_request_version[tls_label] += 1
-        length = headers.get("content-length", "0")
-        if not acemod.request_uri_ok(uri) or not length.isdigit():
+        length = str(req.content_length)
+        if not acemod.request_uri_ok(uri):
             # Go's server rejects these before any handler, and hangs up.
             t.write(acemod.GO_BAD_REQUEST)
             t.close()
             return False
-        conn_tokens = {v.strip().lower() for v in headers.get("connection", "").split(",")}
         # A chunked body is not worth parsing on a refused CONNECT: answer, then hang up.
-        close = http10 or "close" in conn_tokens or "transfer-encoding" in headers
+        close = req.wants_close or req.chunked
         if not tls and self.plain_connect is not None:
             answer = self.plain_connect(uri, headers, http10, close)
             if answer is None:
@@ -269,11 +273,3 @@ class FrontDoor(asyncio.Protocol):
         pending, self.buf = self.buf, b""
         tunnel.attach(t, pending)
 
-
-def _headers(header_block: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in header_block.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            headers[name.strip().decode("latin-1")] = value.strip().decode("latin-1")
-    return headers
