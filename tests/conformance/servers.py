@@ -102,7 +102,7 @@ class Server:
             self.popen.wait(10)
 
 
-def serve(workdir: Path, *, tls: bool = False, mesh: bool = True, stun: bool = True) -> Server:
+def serve(workdir: Path, *, tls: bool = False, mesh: bool = True, stun: bool = True, extra: tuple[str, ...] = ()) -> Server:
     """``derpkit serve`` on loopback: plain HTTP, or TLS with its self-signed IP certificate."""
     loop = LoopThread()
     mesh_key = MeshKey(secrets.token_bytes(32)) if mesh else None
@@ -113,7 +113,7 @@ def serve(workdir: Path, *, tls: bool = False, mesh: bool = True, stun: bool = T
         args += ["-mesh-psk-file", str(workdir / "mesh.key")]
     if tls:
         args += ["-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(workdir)]
-    proc = loop.run(start_serve(*args))
+    proc = loop.run(start_serve(*args, *extra))
     cert_name = None
     if tls:
         deadline = time.monotonic() + 10

@@ -212,3 +212,20 @@ async def burst(ctx: CaseContext) -> str:
             break
         got += isinstance(p, RecvPacket)
     raise Info(f"{got}/{n} packets of 1000 bytes sent in one write arrived at a reading client")
+
+
+@case("relay/12", "What an inactive duplicate is told (Health)", level=Level.INFORMATIONAL, section="derp-protocol §5.12",
+      quote="derpkit's server MAY implement it (for example to tell duplicates they are inactive) only as an opt-in extension.")
+async def duplicate_health(ctx: CaseContext) -> str:
+    from derpkit.protocol.frames import Health
+
+    key = NodePrivate.generate()
+    d1 = await ctx.conn("dup1", key=key)
+    await ctx.conn("dup2", key=key)
+    evs = await d1.collect(0.5)
+    health = [e.problem for e in evs if isinstance(e, Health)]
+    alive = await d1.alive()
+    state = "still open" if alive else f"closed ({d1.close_reason})"
+    if health:
+        raise Info(f"the older duplicate got Health {health[0]!r} and is {state}")
+    raise Info(f"no Health frame to the older duplicate, which is {state} (derper: none, open)")
