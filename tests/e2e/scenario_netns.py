@@ -1,0 +1,257 @@
+"""The end-to-end scenario, run inside a private network namespace (``unshare -rn``).
+
+One control server (tests/e2e/control: Tailscale's testcontrol) and two real tailscaled
+nodes are started once; each step then points the nodes at different relays by replacing
+the DERP map, drives real traffic, and records what it saw. Nothing can leave the namespace
+(its only interface is loopback), and the nodes' HTTP(S)_PROXY is the control binary's
+refusing trap, so any attempt to reach the internet is logged and reported.
+
+Prints one JSON object: ``{"steps": {name: {"ok", "seconds", "data" | "error", "logs"}},
+"trapped": [...]}`` for tests/e2e/test_e2e.py to judge. A failing step carries its error
+and the tail of the logs that matter; later steps still run when they can.
+
+Usage: ``unshare -rn python3 -m tests.e2e.scenario_netns WORKDIR CONTROL TAILSCALED TAILSCALE DERPER``
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.e2e import harness as H
+from tests.e2e import traffic
+
+MIB = 1 << 20
+TRANSFER_BYTES = 4 * MIB
+
+
+@dataclass
+class World:
+    work: Path
+    control_bin: str
+    tailscaled: str
+    cli: str
+    derper: str
+    control: H.Control | None = None
+    nodes: dict[str, H.Node] = field(default_factory=dict)
+    relays: dict[str, H.Relay] = field(default_factory=dict)
+    service_port: int = 0
+    node_env: dict[str, str] = field(default_factory=dict)
+
+    def procs(self) -> list[H.Proc]:
+        ps = [n.proc for n in self.nodes.values()] + [r.proc for r in self.relays.values()]
+        return ps + ([self.control.proc] if self.control else [])
+
+    def use_map(self, derp_map: dict[str, Any]) -> None:
+        H.register_regions(derp_map)
+        assert self.control is not None
+        self.control.set_map(derp_map)
+
+    def start_nodes(self, env: dict[str, str]) -> None:
+        """(Re)start nodes a and b with ``env``; their state directories persist."""
+        assert self.control is not None
+        for name in ("a", "b"):
+            if name in self.nodes:
+                self.nodes.pop(name).proc.stop()
+        self.node_env = env
+        for name in ("a", "b"):
+            self.nodes[name] = H.start_node(f"node{name}", self.work, self.tailscaled, self.cli,
+                                            self.control, env=env)
+
+
+def check(cond: object, msg: str, *procs: H.Proc) -> None:
+    if not cond:
+        raise H.StepError(msg, *procs)
+
+
+_PONG_RE = re.compile(r"pong from \S+ \((\S+)\) via (\S+) in ")
+
+
+def await_home(w: World, code: str, timeout: float = 40.0) -> float:
+    """Wait until both nodes report ``code`` as their home DERP region; the seconds it took."""
+    t0 = time.monotonic()
+    for n in w.nodes.values():
+        H.wait_until(lambda n=n: n.status()["Self"].get("Relay") == code, timeout,
+                     f"{n.name} homed on region {code}", n.proc, *[r.proc for r in w.relays.values()])
+    return time.monotonic() - t0
+
+
+def derp_ping(w: World, src: str, dst: str, code: str, count: int = 3) -> list[str]:
+    """``tailscale ping`` from src to dst: every pong must come via DERP(code), none direct."""
+    a, b = w.nodes[src], w.nodes[dst]
+    p = a.cli("ping", f"-c={count}", "--timeout=5s", b.ip, check=False, timeout=60)
+    pongs = _PONG_RE.findall(p.stdout)
+    check(pongs, f"tailscale ping {src}->{dst}: no pong (exit {p.returncode}): {p.stdout.strip()[-300:]} {p.stderr.strip()[-300:]}",
+          a.proc, b.proc, *[r.proc for r in w.relays.values()])
+    vias = sorted({via for _, via in pongs})
+    check(vias == [f"DERP({code})"], f"tailscale ping {src}->{dst}: pongs came via {vias}, wanted only DERP({code})",
+          a.proc, b.proc)
+    return p.stdout.strip().splitlines()
+
+
+def transfers(w: World, nbytes: int = TRANSFER_BYTES) -> list[dict[str, object]]:
+    """Upload and download nbytes a->b and b->a through the SOCKS5 proxies, checksummed."""
+    out = []
+    for src, dst in (("a", "b"), ("b", "a")):
+        s, d = w.nodes[src], w.nodes[dst]
+        for fn in (traffic.upload, traffic.download):
+            try:
+                t = fn(s.socks_port, d.ip, w.service_port, nbytes)
+            except OSError as e:
+                raise H.StepError(f"{fn.__name__} {src}->{dst} through SOCKS5 failed: {e}", s.proc, d.proc) from e
+            check(t.sha_ok, f"{fn.__name__} {src}->{dst}: SHA-256 mismatch", s.proc, d.proc)
+            out.append({"from": src, "to": dst, **t.as_dict()})
+    return out
+
+
+def counters(r: H.Relay) -> dict[str, float]:
+    v = r.varz()
+    keys = ("derp_packets_received", "derp_packets_sent", "derp_bytes_received", "derp_bytes_sent",
+            "derp_packets_forwarded_out", "derp_packets_forwarded_in", "derp_packets_dropped")
+    return {k: v.get(k, 0.0) for k in keys}
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def step_setup(w: World) -> dict[str, Any]:
+    r = H.start_relay("relay1", "derpkit", w.work)
+    w.relays["relay1"] = r
+    dm = {"Regions": {"901": H.region(901, "dk1", H.derp_node("901a", 901, r.port, r.stun_port))}}
+    H.register_regions(dm)
+    w.control = H.Control.start(w.control_bin, w.work, dm)
+    w.service_port, _ = traffic.start_service()
+    t0 = time.monotonic()
+    w.start_nodes({"TS_DEBUG_USE_DERP_HTTP": "1"})
+    return {"nodes_up_seconds": round(time.monotonic() - t0, 2),
+            "ips": {k: n.ip for k, n in w.nodes.items()}}
+
+
+def step_relay(w: World) -> dict[str, Any]:
+    r = w.relays["relay1"]
+    await_home(w, "dk1")
+    before = counters(r)
+    ping = derp_ping(w, "a", "b", "dk1") + derp_ping(w, "b", "a", "dk1")
+    xfer = transfers(w)
+    d = delta(counters(r), before)
+    moved = sum(int(t["bytes"]) for t in xfer)  # type: ignore[call-overload]
+    check(d["derp_bytes_received"] >= moved and d["derp_bytes_sent"] >= moved,
+          f"relay1 /debug/varz counted {d['derp_bytes_received']:.0f} bytes in, {d['derp_bytes_sent']:.0f} out; "
+          f"{moved} bytes of payload crossed", r.proc)
+    check(d["derp_packets_received"] >= moved / 1500, f"relay1 counted only {d['derp_packets_received']:.0f} packets", r.proc)
+    peer = w.nodes["a"].status()["Peer"]
+    cur = [p.get("CurAddr") for p in peer.values()]
+    check(cur == [""], f"node a has a direct path to b ({cur}); TS_DEBUG_ALWAYS_USE_DERP should forbid it")
+    return {"ping": ping, "transfers": xfer, "varz_delta": d, "payload_bytes": moved}
+
+
+def _tls_relay_step(w: World, name: str, rid: int, code: str, extra: list[str], host: str,
+                    cert_name_from_log: bool, env: dict[str, str]) -> dict[str, Any]:
+    r = H.start_relay(name, "derpkit", w.work, *extra, tls=True, sni="" if host[0].isdigit() else host)
+    w.relays[name] = r
+    cert_name = ""
+    if cert_name_from_log:
+        m = r.proc.wait_log(r'"CertName":\s*"(sha256-raw:[0-9a-f]{64})"', 10, "CertName line in the log")
+        cert_name = m.group(1)
+    dm = {"Regions": {str(rid): H.region(rid, code, H.derp_node(f"{rid}a", rid, r.port, r.stun_port,
+                                                               host=host, cert_name=cert_name))}}
+    if w.node_env != env:
+        w.start_nodes(env)
+    w.use_map(dm)
+    await_home(w, code, 60)
+    before = counters(r)
+    ping = derp_ping(w, "a", "b", code)
+    xfer = transfers(w, 2 * MIB)
+    d = delta(counters(r), before)
+    moved = sum(int(t["bytes"]) for t in xfer)  # type: ignore[call-overload]
+    check(d["derp_bytes_received"] >= moved, f"{name} counted {d['derp_bytes_received']:.0f} bytes; {moved} crossed", r.proc)
+    return {"cert_name": cert_name, "host": host, "ping": ping, "transfers": xfer, "varz_delta": d}
+
+
+def step_tls_ip(w: World) -> dict[str, Any]:
+    """derpkit -certmode manual on 127.0.0.1: self-signed, pinned by the CertName it logs."""
+    certdir = w.work / "tls-ip-certs"
+    return _tls_relay_step(w, "relay_tls_ip", 902, "dkip",
+                           ["-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(certdir)],
+                           "127.0.0.1", True, {"SSL_CERT_FILE": str(_ca(w).cert_path)})
+
+
+_CA: list[Any] = []
+
+
+def _ca(w: World) -> Any:
+    """The run's test CA (tests/interop/pki.py), made once; the nodes trust it via SSL_CERT_FILE."""
+    from tests.interop.pki import TestCA
+
+    if not _CA:
+        _CA.append(TestCA.create(w.work / "ca"))
+    return _CA[0]
+
+
+def step_tls_ca(w: World) -> dict[str, Any]:
+    """derpkit -certmode manual with a hostname certificate from a test CA the nodes trust."""
+    ca = _ca(w)
+    certdir = w.work / "tls-ca-certs"
+    host = "derp." + H.TEST_DOMAIN
+    ca.issue(host, [host], [], directory=certdir)
+    return _tls_relay_step(w, "relay_tls_ca", 903, "dkca",
+                           ["-certmode", "manual", "-hostname", host, "-certdir", str(certdir)],
+                           host, False, {"SSL_CERT_FILE": str(ca.cert_path)})
+
+
+STEPS: list[tuple[str, Callable[[World], dict[str, Any]]]] = [
+    ("setup", step_setup),
+    ("relay", step_relay),
+    ("tls_ip", step_tls_ip),
+    ("tls_ca", step_tls_ca),
+]
+
+
+def main() -> int:
+    work, control_bin, tailscaled, cli, derper = sys.argv[1:6]
+    only = set(sys.argv[6].split(",")) if len(sys.argv) > 6 and sys.argv[6] else None
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    w = World(Path(work), control_bin, tailscaled, cli, derper)
+    results: dict[str, Any] = {}
+    try:
+        for name, fn in STEPS:
+            if only and name not in only and name != "setup":
+                continue
+            t0 = time.monotonic()
+            res: dict[str, Any] = {}
+            try:
+                res["data"] = fn(w)
+                res["ok"] = True
+            except H.StepError as e:
+                res.update(ok=False, error=str(e), logs=e.logs)
+            except Exception as e:  # noqa: BLE001 - report any crash as this step's failure
+                res.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:],
+                           logs={p.name: p.tail() for p in w.procs()})
+            res["seconds"] = round(time.monotonic() - t0, 2)
+            results[name] = res
+            print(f"e2e step {name}: {'ok' if res['ok'] else 'FAILED: ' + res['error']} ({res['seconds']}s)",
+                  file=sys.stderr, flush=True)
+            if name == "setup" and not res["ok"]:
+                break
+    finally:
+        trapped = w.control.trapped() if w.control else []
+        for p in w.procs():
+            p.stop(timeout=5)
+    print(json.dumps({"steps": results, "trapped": trapped}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
