@@ -22,3 +22,4 @@ if [ -f scripts/install-pebble.sh ]; then
   bash scripts/install-pebble.sh
 fi
 bash scripts/install-matrix-peers.sh
+bash scripts/install-docker-peers.sh || echo "install-peers: install-docker-peers.sh failed; tests/docker will say why" >&2
