@@ -177,7 +177,13 @@ def client_info_frame(client: NodePrivate, server: NodePublic, info: ClientInfo)
 
 
 def open_client_info(server: NodePrivate, payload: bytes) -> tuple[NodePublic, ClientInfo]:
-    """Server side: split, open and parse a ClientInfo payload (already size-checked)."""
+    """Server side: split, open and parse a ClientInfo payload.
+
+    The server core size-checks the frame first; the opener refuses a short payload too,
+    with a ProtocolError rather than a key error, for any other caller (found by fuzzing).
+    """
+    if len(payload) < KEY_LEN:
+        raise ProtocolError("short_client_info", f"{len(payload)} bytes")
     client = NodePublic(payload[:KEY_LEN])
     if client.is_zero():
         raise ProtocolError("zero_key", "client presented the all-zero key")
