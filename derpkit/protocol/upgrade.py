@@ -112,7 +112,8 @@ def split_head(buf: bytes) -> tuple[bytes, bytes] | None:
 def parse_response_head(head: bytes) -> ResponseHead:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    # isascii: str.isdigit() also takes "²" (latin-1 0xb2), which int() refuses (fuzzing found it).
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
         raise ProtocolError("bad_http_response", repr(lines[0][:80]))
     headers: dict[str, str] = {}
     for line in lines[1:]:
