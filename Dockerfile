@@ -4,15 +4,17 @@
 # with ENV, as the seed image does, and derpkit reads those variables itself, so the
 # command is simply `derpkit serve`. See docs/docker.md.
 
+# Base: python:3.11-slim on a named Debian release (bookworm), so a rebuild does not move to
+# another Debian underneath; both stages use the same one.
 # --- build: wheels for derpkit and its dependencies (ACME support included) ---------------
-FROM python:3.11-slim AS build
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY derpkit ./derpkit
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[acme]"
 
 # --- run --------------------------------------------------------------------------------
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels "derpkit[acme]" \
  && useradd --create-home --home-dir /home/derp --uid 1000 --shell /usr/sbin/nologin derp \

@@ -1,0 +1,99 @@
+"""Session fixtures for tests/docker: the image is built once per session (podman's layer
+cache makes a rebuild after a source change cost seconds), and the documented container
+(docs/docker.md's first `podman run`) is started once and shared by test_image.py."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from .podman import (
+    IMAGE,
+    Localizer,
+    container_gone,
+    doc_command,
+    health,
+    require_podman,
+    run,
+    run_doc,
+    volumes_gone,
+    wait_log,
+)
+
+CERTNAME_RE = re.compile(r'"CertName":"(sha256-raw:[0-9a-f]{64})"')
+
+
+@dataclass
+class Built:
+    seconds: float
+    size: int
+    stand_in: str  # the base stand-in's label, inherited by the image
+
+
+@pytest.fixture(scope="session")
+def image() -> Built:
+    require_podman()
+    run_doc(doc_command("bash scripts/install-docker-peers.sh"), timeout=900)
+    t0 = time.monotonic()
+    run_doc(doc_command("podman build"), timeout=1200)
+    seconds = time.monotonic() - t0
+    size = int(run_doc(doc_command("podman image inspect"), timeout=60).stdout.strip())
+    label = run(["podman", "image", "inspect", "--format",
+                 '{{index .Labels "org.derpkit.stand-in"}}', IMAGE], check=True).stdout.strip()
+    print(f"\ntests/docker: image {IMAGE} built in {seconds:.1f} s, {size / 1e6:.0f} MB, base: {label}")
+    return Built(seconds, size, label)
+
+
+@dataclass
+class Running:
+    name: str
+    loc: Localizer
+    pin: str
+    log: str
+    seconds_to_healthy: float
+
+    @property
+    def derp_port(self) -> int:
+        return self.loc.port(443)
+
+    @property
+    def stun_port(self) -> int:
+        return self.loc.port(3478, "udp")
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.derp_port}/derp"
+
+
+def first_healthy(name: str, t0: float, limit: float = 90) -> float:
+    """Seconds from ``t0`` (just before `podman run`) to the first passing health check."""
+    while True:
+        rc, out = health(name)
+        if rc == 0:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < limit, f"{name} not healthy after {limit} s: {out}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def derp(image: Built) -> Iterator[Running]:
+    """docs/docker.md's `podman run -d --name derp …`, on fresh volumes."""
+    container_gone("derp")
+    volumes_gone("derp-certs", "derp-key")
+    loc = Localizer()
+    t0 = time.monotonic()
+    run_doc(doc_command("podman run -d --name derp"), loc)
+    try:
+        log = wait_log("derp", "DERP on port")
+        seconds = first_healthy("derp", t0)
+        print(f"\ntests/docker: `podman run` to first healthy check: {seconds:.2f} s")
+        pins = CERTNAME_RE.findall(log)
+        assert len(pins) == 1, log
+        yield Running("derp", loc, pins[0], log, seconds)
+    finally:
+        container_gone("derp")
+        volumes_gone("derp-certs", "derp-key")
