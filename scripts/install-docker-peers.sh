@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What tests/docker needs: Debian's podman (no Docker engine runs here) and a STAND-IN for the
-# Dockerfile's base image python:3.11-slim, which cannot be pulled on this machine.
+# Dockerfile's base image python:3.11-slim-bookworm, which cannot be pulled on this machine.
 #
 # The stand-in is Debian bookworm (debootstrap --variant=minbase) with Debian's Python 3.11 and
 # pip, the host's CA bundle (so pip inside `podman build` reaches PyPI through this network's
-# TLS proxy), pip's "externally managed" marker removed (the real python:3.11-slim has none),
+# TLS proxy), pip's "externally managed" marker removed (the real image has none),
 # imported with `podman import` under the exact name the Dockerfile uses and labelled
 # org.derpkit.stand-in so a test can tell it is not the real image.
 #
@@ -13,7 +13,7 @@
 # is missing. Not root or no apt-get: says so and leaves the tests to fail or skip loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASE="docker.io/library/python:3.11-slim"
+BASE="docker.io/library/python:3.11-slim-bookworm"
 CACHE="${DERPKIT_DOCKER_CACHE:-/var/cache/derpkit}"
 TARBALL="$CACHE/python-3.11-slim-standin.tar"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -65,6 +65,6 @@ podman_ import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
-  --change 'LABEL org.derpkit.stand-in="python:3.11-slim stand-in: Debian bookworm minbase, Debian python3 3.11 + pip, host CA bundle"' \
+  --change 'LABEL org.derpkit.stand-in="python:3.11-slim-bookworm stand-in: Debian bookworm minbase, Debian python3 3.11 + pip, host CA bundle"' \
   --change 'CMD ["python3"]' \
   "$TARBALL" "$BASE" >/dev/null
