@@ -20,6 +20,11 @@ Exit status 0 when every check passed, 1 otherwise, 2 for a bad flag. One line p
 on stdout.
 
 Own options (before the serve flags): ``--timeout SECONDS`` (default 5), ``--quiet``.
+
+Given no serve flags, it also takes those of the server when the server is PID 1 (the
+container's command was ``derpkit serve <flags>``, e.g. ``docker run derpkit derpkit serve
+-stun-port 3479``): the image's HEALTHCHECK cannot see flags given after the image name, and
+would otherwise check the ports the variables name rather than the ones the server uses.
 """
 
 from __future__ import annotations
@@ -185,6 +190,30 @@ async def run_checks(cfg: ServeConfig, timeout: float) -> tuple[bool, list[str]]
     return ok, lines
 
 
+PID1_CMDLINE = "/proc/1/cmdline"
+
+
+def serve_flags(cmdline: Sequence[str]) -> list[str] | None:
+    """The flags of a ``derpkit serve`` command line (``derpkit serve …`` or ``python -m
+    derpkit serve …``), or None when it is some other program."""
+    for i, word in enumerate(cmdline[:-1]):
+        name = word.rsplit("/", 1)[-1]
+        if name == "derpkit" and cmdline[i + 1] == "serve":
+            return list(cmdline[i + 2:])
+    return None
+
+
+def pid1_serve_flags(path: str | None = None) -> list[str]:
+    """The serve flags PID 1 runs with, if PID 1 is ``derpkit serve`` (in a container)."""
+    try:
+        with open(path or PID1_CMDLINE, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+    return serve_flags(words) or []
+
+
 def main(argv: Sequence[str]) -> int:
     args = list(argv)
     timeout = 5.0
@@ -200,6 +229,8 @@ def main(argv: Sequence[str]) -> int:
         except ValueError:
             sys.stderr.write(f"derpkit healthcheck: --timeout: not a number: {value!r}\n")
             return 2
+    if not args:
+        args = pid1_serve_flags()
     try:
         cfg, _notes = parse_config(args, os.environ)
     except ConfigError as e:

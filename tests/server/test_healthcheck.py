@@ -99,3 +99,41 @@ async def test_plain_http_and_nothing_listening(tmp_path: Path) -> None:
 def test_bad_flags_exit_2(capsys) -> None:
     assert hc.main(["--timeout", "soon"]) == 2
     assert hc.main(["-stun-port", "x"]) == 2
+
+
+def test_serve_flags_of_a_command_line() -> None:
+    assert hc.serve_flags(["/usr/bin/python3", "/usr/local/bin/derpkit", "serve", "-stun-port", "3479"]) == [
+        "-stun-port", "3479"]
+    assert hc.serve_flags(["python3", "-m", "derpkit", "serve"]) == []
+    assert hc.serve_flags(["/sbin/init", "splash"]) is None
+    assert hc.serve_flags(["derpkit", "healthcheck", "serve"]) is None
+
+
+def test_without_flags_it_checks_what_pid1_derpkit_serve_runs_with(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """In a container started as ``… derpkit derpkit serve <flags>``, the HEALTHCHECK (no
+    flags) checks the ports those flags name; flags of its own still win."""
+    import socket
+
+    def closed_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    pid1, mine = closed_port(), closed_port()
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join([b"/usr/bin/python3", b"/usr/local/bin/derpkit", b"serve", b"-a",
+                                    f"127.0.0.1:{pid1}".encode(), b"-stun=false"]) + b"\0")
+    monkeypatch.setattr(hc, "PID1_CMDLINE", str(cmdline))
+    for name in ("ADDR", "DERP_ADDR", "RUN_STUN", "STUN_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert hc.main(["--timeout", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL DERP http://127.0.0.1:{pid1}/derp" in out and "STUN skipped: -stun=false" in out, out
+    assert hc.main(["--timeout", "2", "-a", f"127.0.0.1:{mine}", "-stun=false"]) == 1
+    out = capsys.readouterr().out
+    assert f"127.0.0.1:{mine}/derp" in out and str(pid1) not in out, out
+    cmdline.write_bytes(b"/sbin/init\0")  # not derpkit serve: the variables alone, as before
+    monkeypatch.setenv("ADDR", f"127.0.0.1:{mine}")
+    monkeypatch.setenv("RUN_STUN", "false")
+    assert hc.main(["--timeout", "2"]) == 1
+    assert f"127.0.0.1:{mine}/derp" in capsys.readouterr().out
