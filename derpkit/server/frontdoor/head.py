@@ -29,6 +29,7 @@ from derpkit.server.relay.conn import ClientConn
 
 from . import ace as acemod
 from . import request
+from .fdwatch import WATCH as FD_WATCH
 from .goresponse import go_error
 
 if TYPE_CHECKING:
@@ -80,10 +81,12 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        loop = asyncio.get_running_loop()
+        FD_WATCH.ensure(loop)
         if self.on_connect is not None and not self.on_connect(transport):
             transport.abort()  # type: ignore[attr-defined]
             return
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._timeout)
+        self.timer = loop.call_later(HEAD_TIMEOUT, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None

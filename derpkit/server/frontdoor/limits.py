@@ -167,18 +167,23 @@ class _PreTLS(asyncio.Protocol):
         pass
 
 
+#: A TLS handshake not done in this long is dropped (read when each connection starts).
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
 def pre_tls_factory(
     app_factory: Callable[[], asyncio.BaseProtocol],
     ctx: ssl.SSLContext,
     on_connect: Callable[[Any], bool],
-    handshake_timeout: float = 30.0,
+    handshake_timeout: float | None = None,
 ) -> Callable[[], asyncio.Protocol]:
     """A listener protocol factory that calls ``on_connect`` before the TLS handshake.
 
     Use it with ``create_server(..., ssl=None)``: the TLS layer is the loop's own
     ``SSLProtocol``, exactly what ``create_server(ssl=ctx)`` would have used.
     """
-    return lambda: _PreTLS(app_factory, ctx, on_connect, handshake_timeout)
+    return lambda: _PreTLS(app_factory, ctx, on_connect,
+                           TLS_HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout)
 
 
 def controls_for(cfg: Any) -> ConnectionControls:
