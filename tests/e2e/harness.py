@@ -335,7 +335,10 @@ def start_node(name: str, work: Path, tailscaled: str, cli: str, control: Contro
         # The relay hostnames of the test CA's certificates are dialled directly, as an
         # operator would exempt their own DERP names; anything else meets the trap.
         "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY,
-        "TS_DEBUG_ALWAYS_USE_DERP": "1",
+        # No direct path: UDP stays open for STUN (netcheck must measure regions, or a node
+        # never leaves a dead home region), but peer traffic never uses it.
+        # TS_DEBUG_ALWAYS_USE_DERP=1 would close UDP altogether, see docs/e2e.md.
+        "TS_DEBUG_NEVER_DIRECT_UDP": "1",
         "TS_NETCHECK_GENERATE_204_URL": control.url + "/generate_204",
         "TS_ASSUME_NETWORK_UP_FOR_TEST": "1",
         "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",

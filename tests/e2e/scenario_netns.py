@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -153,7 +154,7 @@ def step_relay(w: World) -> dict[str, Any]:
     check(d["derp_packets_received"] >= moved / 1500, f"relay1 counted only {d['derp_packets_received']:.0f} packets", r.proc)
     peer = w.nodes["a"].status()["Peer"]
     cur = [p.get("CurAddr") for p in peer.values()]
-    check(cur == [""], f"node a has a direct path to b ({cur}); TS_DEBUG_ALWAYS_USE_DERP should forbid it")
+    check(cur == [""], f"node a has a direct path to b ({cur}); TS_DEBUG_NEVER_DIRECT_UDP should forbid it")
     return {"ping": ping, "transfers": xfer, "varz_delta": d, "payload_bytes": moved}
 
 
@@ -211,10 +212,150 @@ def step_tls_ca(w: World) -> dict[str, Any]:
                            host, False, {"SSL_CERT_FILE": str(ca.cert_path)})
 
 
+def _dm(*regions: tuple[int, str, H.Relay]) -> dict[str, Any]:
+    """A DERP map of plain-HTTP regions, one relay each."""
+    return {"Regions": {str(rid): H.region(rid, code, H.derp_node(f"{rid}a", rid, r.port, r.stun_port))
+                        for rid, code, r in regions}}
+
+
+def step_diagnostics(w: World) -> dict[str, Any]:
+    """tailscale netcheck / debug derp on a node, and derpkit probe reading the node's map."""
+    a = w.nodes["a"]
+    relay = w.relays["relay_tls_ip"]  # the TLS region tls_ip left in the map, pinned by CertName
+    await_home(w, "dkip")
+    nc = a.cli("netcheck", timeout=60)
+    check("Nearest DERP: derpkit e2e dkip" in nc.stdout,
+          f"tailscale netcheck does not name region dkip as nearest:\n{nc.stdout[-1500:]}", a.proc)
+    dd = a.cli("debug", "derp", "dkip", timeout=60, check=False)
+    dd_text = dd.stdout + dd.stderr
+    report = json.loads(dd.stdout) if dd.returncode == 0 else {}
+    # The CLI dials the map's IPv6 field even when it is "none" (the map's way of saying
+    # "no IPv6"); that one error is Tailscale's, every other error is ours.
+    errors = [e for e in report.get("Errors") or [] if '@ "none:' not in e]
+    info = " ".join(report.get("Info") or [])
+    check(dd.returncode == 0 and not errors and "Successfully established a DERP connection" in info
+          and "STUN response" in info,
+          f"tailscale debug derp dkip exited {dd.returncode}:\n{dd_text[-1500:]}", a.proc, relay.proc)
+    pr = subprocess.run([sys.executable, "-m", "derpkit", "probe", "-derp-map", "local", "-socket", str(a.sock),
+                         "-once"], capture_output=True, text=True, timeout=90)
+    probe_text = pr.stdout + pr.stderr
+    check(pr.returncode == 0 and "dkip" in probe_text,
+          f"derpkit probe -derp-map local -once exited {pr.returncode}:\n{probe_text[-2000:]}", relay.proc)
+    return {"netcheck": nc.stdout.strip().splitlines(), "debug_derp": report, "debug_derp_errors": errors,
+            "probe": probe_text.strip().splitlines()[-40:], "probe_exit": pr.returncode}
+
+
+def _recover(w: World, code: str, timeout: float, *procs: H.Proc) -> float:
+    """Seconds (from now) until tailscale ping a->b gets a pong via DERP(code)."""
+    a, b = w.nodes["a"], w.nodes["b"]
+    t0 = time.monotonic()
+
+    def pong() -> bool:
+        p = a.cli("ping", "-c=1", "--timeout=1s", b.ip, check=False, timeout=10)
+        return f"via DERP({code})" in p.stdout
+
+    H.wait_until(pong, timeout, f"a->b pong via DERP({code})", a.proc, b.proc, *procs, interval=0.05)
+    return time.monotonic() - t0
+
+
+def step_restart(w: World) -> dict[str, Any]:
+    """The home relay restarts in place: SIGKILL then start vs SIGTERM (Restarting frame) then start."""
+    out: dict[str, Any] = {}
+    for sig_name, sig in (("SIGKILL", signal.SIGKILL), ("SIGTERM", signal.SIGTERM)):
+        old = w.relays.pop("relay1")
+        w.use_map(_dm((901, "dk1", old)))
+        await_home(w, "dk1")
+        _recover(w, "dk1", 20, old.proc)
+        t0 = time.monotonic()
+        old.proc.stop(sig)
+        new = H.start_relay("relay1", "derpkit", w.work, port=old.port, stun_port=old.stun_port)
+        w.relays["relay1"] = new
+        up = time.monotonic() - t0
+        rec = _recover(w, "dk1", 60, new.proc) + up
+        out[sig_name] = {"server_back_seconds": round(up, 2), "traffic_back_seconds": round(rec, 2)}
+    return out
+
+
+def step_failover(w: World) -> dict[str, Any]:
+    """Two regions; the home region's server is killed; both nodes move and traffic resumes."""
+    r1 = w.relays["relay1"]
+    r2 = H.start_relay("relay2", "derpkit", w.work)
+    w.relays["relay2"] = r2
+    await_home(w, "dk1")
+    w.use_map(_dm((901, "dk1", r1), (904, "dk2", r2)))
+    for n in w.nodes.values():  # both nodes must know the second region before the first dies
+        H.wait_until(lambda n=n: "904" in json.loads(n.cli("debug", "derp-map").stdout)["Regions"], 20,
+                     f"{n.name} learning region 904", n.proc, w.control.proc if w.control else n.proc)
+    homes_before = {k: n.status()["Self"].get("Relay") for k, n in w.nodes.items()}
+    check(set(homes_before.values()) == {"dk1"}, f"nodes moved off dk1 before the kill: {homes_before}")
+    before = counters(r2)
+    t0 = time.monotonic()
+    r1.proc.stop(signal.SIGKILL)
+    rec = _recover(w, "dk2", 90, r2.proc)
+    moved = await_home(w, "dk2", 90) + rec
+    xfer = transfers(w, 1 * MIB)
+    total = time.monotonic() - t0
+    d = delta(counters(r2), before)
+    check(d["derp_bytes_received"] >= 4 * MIB, f"relay2 counted only {d['derp_bytes_received']:.0f} bytes", r2.proc)
+    # Bring region 1 back for the steps after this one.
+    w.relays["relay1"] = H.start_relay("relay1", "derpkit", w.work, port=r1.port, stun_port=r1.stun_port)
+    return {"traffic_back_seconds": round(rec, 2), "both_homed_seconds": round(moved, 2),
+            "with_transfer_seconds": round(total, 2), "transfers": xfer, "varz_delta_relay2": d}
+
+
+def step_verify_clients(w: World) -> dict[str, Any]:
+    """derpkit -verify-clients asking a third tailscaled: nodes a and b admitted, a stranger refused."""
+    import asyncio
+
+    assert w.control is not None
+    c = w.nodes.get("c") or H.start_node("nodec", w.work, w.tailscaled, w.cli, w.control, env=w.node_env)
+    w.nodes["c"] = c
+    rv = H.start_relay("relay_verify", "derpkit", w.work, "-verify-clients", "-socket", str(c.sock))
+    w.relays["relay_verify"] = rv
+    w.use_map(_dm((905, "dkv", rv)))
+    await_home(w, "dkv", 60)
+    ping = derp_ping(w, "a", "b", "dkv")
+    xfer = transfers(w, 1 * MIB)
+    refused = asyncio.run(_stranger(rv))
+    v = rv.varz()
+    log = rv.proc.text()
+    check(v.get("derpkit_admission_rejected", 0) >= 1, f"relay_verify counted no rejection: {v.get('derpkit_admission_rejected')}", rv.proc)
+    stranger_lines = [ln for ln in log.splitlines() if refused["key"][8:24] in ln]
+    check(stranger_lines, f"relay_verify logged nothing about the stranger {refused['key']}", rv.proc)
+    return {"ping": ping, "transfers": xfer, "stranger": refused, "stranger_log": stranger_lines[-3:],
+            "admitted": v.get("derpkit_admission_admitted", 0), "rejected": v.get("derpkit_admission_rejected", 0)}
+
+
+async def _stranger(r: H.Relay) -> dict[str, Any]:
+    """A DERP client with a fresh key the tailnet has never seen: it must not get through."""
+    from derpkit.client import DerpClient
+    from derpkit.client.errors import DerpConnectionError, DerpTimeoutError
+    from derpkit.protocol.keys import NodePrivate
+
+    key = NodePrivate.generate()
+    pub = str(key.public())
+    try:
+        cl = await DerpClient.connect(f"http://127.0.0.1:{r.port}/derp", private_key=key, timeout=10)
+    except (DerpConnectionError, DerpTimeoutError, OSError) as e:
+        return {"key": pub, "refused": True, "how": f"{type(e).__name__}: {e}"}
+    try:
+        await cl.ping()
+        got = await cl.recv(timeout=3)
+        return {"key": pub, "refused": False, "how": f"still connected, got {type(got).__name__}"}
+    except Exception as e:  # noqa: BLE001 - any end of the connection is the refusal we expect
+        return {"key": pub, "refused": True, "how": f"after connect: {type(e).__name__}: {e}"}
+    finally:
+        await cl.close()
+
+
 STEPS: list[tuple[str, Callable[[World], dict[str, Any]]]] = [
     ("setup", step_setup),
     ("relay", step_relay),
+    ("restart", step_restart),
+    ("failover", step_failover),
+    ("verify_clients", step_verify_clients),
     ("tls_ip", step_tls_ip),
+    ("diagnostics", step_diagnostics),
     ("tls_ca", step_tls_ca),
 ]
 

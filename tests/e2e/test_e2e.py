@@ -3,7 +3,7 @@
 tests/e2e/scenario_netns.py runs the whole scenario once, inside a private network namespace
 (``unshare -rn``): Tailscale's own testcontrol (tests/e2e/control, built from the pinned
 tailscale.com module) as the control server, real ``tailscaled --tun=userspace-networking``
-nodes with ``TS_DEBUG_ALWAYS_USE_DERP=1`` (no direct path), and real ``derpkit serve``
+nodes with ``TS_DEBUG_NEVER_DIRECT_UDP=1`` (no direct path), and real ``derpkit serve``
 processes as the only relays. Each test below judges one step of that run; a failing step
 shows its error and the tails of the logs that matter. Under DERPKIT_REQUIRE_GO_PEERS=1 (CI)
 missing Go programs or namespaces fail instead of skipping.
@@ -109,3 +109,40 @@ def test_tls_hostname_cert_from_a_ca_the_nodes_trust(run: dict[str, Any]) -> Non
 def test_nothing_tried_to_reach_the_internet(run: dict[str, Any]) -> None:
     """The nodes' HTTP(S)_PROXY is a trap that refuses and logs: it must have seen nothing."""
     assert run["trapped"] == [], run["trapped"][:10]
+
+
+def test_restart_in_place_kill_vs_sigterm(run: dict[str, Any]) -> None:
+    """The home relay restarts on the same port: traffic comes back after SIGKILL and after
+    SIGTERM (derpkit then sends a Restarting frame); both times are measured and reported."""
+    data = step(run, "restart")
+    for sig in ("SIGKILL", "SIGTERM"):
+        assert 0 < data[sig]["traffic_back_seconds"] < 60, data
+
+
+def test_failover_to_the_second_region(run: dict[str, Any]) -> None:
+    """Two regions; the home region's relay is killed; both nodes re-home on dk2 and a 1 MiB
+    transfer each way succeeds through it, counted in relay2's /debug/varz."""
+    data = step(run, "failover")
+    assert 0 < data["traffic_back_seconds"] < 90, data
+    _check_transfers(data["transfers"], 1 << 20)
+    assert data["varz_delta_relay2"]["derp_bytes_received"] >= 4 << 20, data
+
+
+def test_verify_clients_admits_the_tailnet_and_refuses_a_stranger(run: dict[str, Any]) -> None:
+    """-verify-clients asking a third node's tailscaled: a and b relay through it; a DERP client
+    with a fresh key is closed before ServerInfo, counted and logged with its key."""
+    data = step(run, "verify_clients")
+    assert all("via DERP(dkv)" in ln for ln in data["ping"]), data["ping"]
+    _check_transfers(data["transfers"], 1 << 20)
+    assert data["stranger"]["refused"], data["stranger"]
+    assert data["rejected"] >= 1 and data["admitted"] >= 2, data
+    assert any("not authorized" in ln for ln in data["stranger_log"]), data["stranger_log"]
+
+
+def test_diagnostics_netcheck_debug_derp_and_probe_local(run: dict[str, Any]) -> None:
+    """tailscale netcheck names our region nearest, tailscale debug derp reaches it, and
+    derpkit probe -derp-map local reads the node's map over its LocalAPI socket and probes it."""
+    data = step(run, "diagnostics")
+    assert any("Nearest DERP: derpkit e2e dkip" in ln for ln in data["netcheck"]), data["netcheck"]
+    assert data["debug_derp_errors"] == [], data["debug_derp"]
+    assert data["probe_exit"] == 0 and any("dkip" in ln for ln in data["probe"]), data["probe"]
