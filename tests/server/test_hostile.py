@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import os
 import resource
 import socket
 import ssl
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 
 from derpkit.client import DerpClient
 from derpkit.client.errors import DerpConnectionError
+from derpkit.protocol import frames as F
+from derpkit.protocol import handshake
+from derpkit.protocol.constants import FrameType
+from derpkit.protocol.keys import MeshKey, NodePrivate
 from derpkit.server.frontdoor import head as headmod
 from derpkit.server.frontdoor import limits as limitsmod
 from derpkit.server.frontdoor import request as R
@@ -31,7 +40,7 @@ from derpkit.server.node import DerpNode, NodeOptions
 from derpkit.stun import codec
 from tests.server.serve_proc import start_serve
 
-from .helpers import exchange, recv_packet, running_node
+from .helpers import deliver_eventually, exchange, recv_packet, running_node
 from .test_limits import insecure_client_ctx, self_signed_context
 
 pytestmark = pytest.mark.timeout(90)
@@ -310,3 +319,89 @@ async def test_file_descriptors_exhausted() -> None:
         assert sum("out of file descriptors" in line for line in sp.log) == 1
     finally:
         await sp.stop()
+
+
+# ---------------------------------------------------------------- security
+
+
+async def test_cannot_receive_packets_for_a_key_it_does_not_hold() -> None:
+    """An impostor presents the victim's public key with a ClientInfo box it sealed with its
+    own private key: the server cannot open it and closes the impostor; every packet sent
+    to the victim reaches the victim, none the impostor."""
+    async with running_node() as node:
+        victim = await DerpClient.connect(node.url)
+        sender = await DerpClient.connect(node.url)
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(b"GET /derp HTTP/1.1\r\nHost: h\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        await asyncio.sleep(0.2)
+        impostor = NodePrivate.generate()
+        sealed = handshake.seal(impostor, node.public_key, handshake.ClientInfo().to_json())
+        w.write(F.frame(FrameType.CLIENT_INFO, victim.public_key.raw + sealed))
+        for i in range(5):
+            await sender.send(victim.public_key, b"for the victim %d" % i)
+        received = await closed_within(r, 5)
+        assert received is not None, "the impostor's connection stayed open"
+        assert b"for the victim" not in received
+        for i in range(5):
+            assert (await recv_packet(victim)).data == b"for the victim %d" % i
+        assert node.server.stats.conn_errors, "the refusal was not counted"
+
+
+def test_mesh_key_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MeshKey.matches goes through hmac.compare_digest (the server core's only mesh check)."""
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    k = MeshKey(os.urandom(32))
+    assert k.matches(MeshKey(k.raw)) and not k.matches(MeshKey(os.urandom(32)))
+    assert len(calls) == 2
+
+
+async def test_no_secret_in_logs_or_metrics_and_key_files_are_0600(tmp_path: Path) -> None:
+    """Two meshed ``derpkit serve`` processes relay for a while; neither the mesh key nor
+    either node's private key appears in any log line, /debug/varz or /debug/vars, and the
+    key files they wrote are mode 0600."""
+    mesh_hex = os.urandom(32).hex()
+    psk = tmp_path / "mesh.key"
+    psk.write_text(mesh_hex + "\n")
+    ports = [socket.socket() for _ in range(2)]
+    for s in ports:
+        s.bind(("127.0.0.1", 0))
+    nums = [s.getsockname()[1] for s in ports]
+    for s in ports:
+        s.close()
+    peers = ",".join(f"127.0.0.1:{p}" for p in nums)
+    procs = []
+    try:
+        for i, p in enumerate(nums):
+            procs.append(await start_serve("-a", f"127.0.0.1:{p}", "-stun=false", "-c", str(tmp_path / f"{i}.key"),
+                                           "-mesh-psk-file", str(psk), "-mesh-with", peers))
+        a = await DerpClient.connect(procs[0].url)
+        b = await DerpClient.connect(procs[1].url)
+        await deliver_eventually(a, b, b"across the mesh")
+        await a.close()
+        await b.close()
+        private = [json.loads((tmp_path / f"{i}.key").read_text())["PrivateKey"] for i in range(2)]
+        secrets = [mesh_hex, *private, *(k.split(":", 1)[1] for k in private)]
+        async with aiohttp.ClientSession() as s:
+            pages = []
+            for p in nums:
+                for path in ("/debug/varz", "/debug/vars", "/debug/"):
+                    async with s.get(f"http://127.0.0.1:{p}{path}") as r:
+                        assert r.status == 200
+                        pages.append(await r.text())
+        await asyncio.sleep(0.3)
+        text = "".join("".join(sp.log) for sp in procs) + "".join(pages)
+        assert "derp_mesh" in text or "mesh" in text  # the pages really are about this mesh
+        for secret in secrets:
+            assert secret.lower() not in text.lower(), "a secret leaked"
+        for i in range(2):
+            assert stat.S_IMODE((tmp_path / f"{i}.key").stat().st_mode) == 0o600
+    finally:
+        for sp in procs:
+            await sp.stop()
