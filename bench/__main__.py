@@ -3,6 +3,7 @@
     python -m bench                 # full run (several minutes on 2 cores)
     python -m bench --quick         # smoke: small N, about a second per figure
     python -m bench --help
+    python -m bench soak --minutes 30   # long steady load, sampled (bench/soak.py)
 
 Each server runs in turn, pinned to the first CPU (``taskset``) with the generator pinned
 to the others, so the two never share a core. The generator is ``bench/derpgen`` (Go, on
@@ -349,6 +350,11 @@ def plan_run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["soak"]:  # python -m bench soak ...: bench/soak.py
+        from .soak import main as soak_main
+
+        return soak_main(args[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, 1 s, 100/500 idle")
