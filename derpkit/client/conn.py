@@ -54,7 +54,7 @@ from .errors import (
     DerpTimeoutError,
     DerpUpgradeError,
 )
-from .tls import check_name, check_pin, meta_cert_server_key, plan_tls
+from .tls import check_after_handshake, check_name, meta_cert_server_key, peer_der, plan_tls
 
 __all__ = ["DerpClient", "DerpURL", "parse_url"]
 
@@ -469,14 +469,8 @@ class DerpClient:
             if tls is None:  # the peer closed during the handshake
                 raise DerpConnectionError(f"connect to {self.url}: closed during the TLS handshake")
             proto.transport = transport = tls
-        if plan is not None and (plan.pin_sha256 is not None or plan.verify_name is not None):
-            sslobj = transport.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            if plan.pin_sha256 is not None:
-                check_pin(der, plan.pin_sha256, self.url)
-            else:
-                assert plan.verify_name is not None
-                check_name(der, plan.verify_name, self.url)
+        if plan is not None:
+            check_after_handshake(plan, transport.get_extra_info("ssl_object"), self.url)
         if (server_key is None or server_key.is_zero()) and plan is not None:
             server_key = meta_cert_server_key(transport.get_extra_info("ssl_object"))
         core = self._new_core(u, server_key, False, ideal_node)
@@ -539,9 +533,8 @@ class DerpClient:
         if verify_name is not None:
             # aiohttp has no hook between its TLS handshake and the upgrade, so the CertName
             # of a fronted WebSocket node is checked right after; a mismatch still refuses.
-            sslobj = ws.get_extra_info("ssl_object")
             try:
-                check_name(sslobj.getpeercert(binary_form=True) if sslobj else None, verify_name, self.url)
+                check_name(peer_der(ws.get_extra_info("ssl_object")), verify_name, self.url)
             except DerpCertificateError:
                 await ws.close()
                 await session.close()

@@ -136,6 +136,27 @@ def check_name(der: bytes | None, name: str, where: str) -> None:
         )
 
 
+def peer_der(ssl_object: object) -> bytes | None:
+    """The leaf certificate (DER) of a TLS connection's ``ssl_object``, if there is one."""
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    return getpeercert(binary_form=True) if getpeercert is not None else None
+
+
+def check_after_handshake(plan: TLSPlan, ssl_object: object, where: str) -> None:
+    """What ``plan`` leaves to be checked once TLS is up: the CertName pin or name.
+
+    Every TLS shell (the client, the conformance suite's connections) calls this with the
+    connection's ``ssl_object``; ``DerpCertificateError`` says what did not match.
+    """
+    if plan.pin_sha256 is None and plan.verify_name is None:
+        return
+    der = peer_der(ssl_object)
+    if plan.pin_sha256 is not None:
+        check_pin(der, plan.pin_sha256, where)
+    elif plan.verify_name is not None:
+        check_name(der, plan.verify_name, where)
+
+
 def check_pin(der: bytes | None, pin: bytes, where: str) -> None:
     """Compare the leaf certificate with a CertName pin, naming both hashes on mismatch."""
     if der is None:

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from derpkit.client.tls import check_pin, meta_cert_server_key
+from derpkit.client.tls import check_after_handshake, check_name, meta_cert_server_key, peer_der
 from derpkit.protocol import frames as F
 from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.constants import WEBSOCKET_SUBPROTOCOL, FrameType
@@ -92,10 +92,9 @@ async def open_stream(target: Target, link: _Link, timeout: float) -> asyncio.Tr
         raise Fail(f"TLS verification failed: {e.verify_message or e}") from None
     except (OSError, ssl.SSLError) as e:
         raise Fail(f"cannot connect to {u.host}:{u.port}: {e.strerror or e}") from None
-    if plan is not None and plan.pin_sha256 is not None:
-        sslobj = transport.get_extra_info("ssl_object")
+    if plan is not None:
         try:
-            check_pin(sslobj.getpeercert(binary_form=True) if sslobj else None, plan.pin_sha256, target.url)
+            check_after_handshake(plan, transport.get_extra_info("ssl_object"), target.url)
         except Exception as e:
             transport.abort()
             raise Fail(str(e)) from None
@@ -285,6 +284,13 @@ class Conn(_Base):
         except (aiohttp.ClientError, OSError) as e:
             await session.close()
             raise Fail(f"WebSocket connect failed: {e}") from None
+        if u.tls and plan.verify_name is not None:  # a DNS CertName: aiohttp checked the chain only
+            try:
+                check_name(peer_der(ws.get_extra_info("ssl_object")), plan.verify_name, self.target.url)
+            except Exception as e:
+                await ws.close()
+                await session.close()
+                raise Fail(str(e)) from None
         self.log.add(self.label, "recv", "http", line=f"HTTP/1.1 101 (WebSocket, subprotocol {ws.protocol!r})", headers=[])
         self.rx_tap = Tap(self.log, self.label, "recv", http=False)
         self.tx_tap = Tap(self.log, self.label, "send", http=False)

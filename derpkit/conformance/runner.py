@@ -114,13 +114,12 @@ async def check_reachable(target: Target, timeout: float = 5.0) -> None:  # noqa
     except OSError as e:
         raise TargetUnreachable(f"cannot reach {u.host}:{u.port}: {e.strerror or e}") from None
     try:
-        if plan is not None and plan.pin_sha256 is not None:
+        if plan is not None:
             from derpkit.client.errors import DerpCertificateError
-            from derpkit.client.tls import check_pin
+            from derpkit.client.tls import check_after_handshake
 
-            sslobj = transport.get_extra_info("ssl_object")
             try:
-                check_pin(sslobj.getpeercert(binary_form=True) if sslobj else None, plan.pin_sha256, target.url)
+                check_after_handshake(plan, transport.get_extra_info("ssl_object"), target.url)
             except DerpCertificateError as e:
                 raise TargetUnreachable(str(e)) from None
     finally:

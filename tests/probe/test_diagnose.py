@@ -108,16 +108,40 @@ async def test_tcp_timeout_is_not_refusal(tmp_path: Path, ca: TestCA) -> None:
 
 
 async def test_plain_http_derp_server_where_tls_is_expected(tmp_path: Path) -> None:
-    """A derpkit node without TLS waits for a request line, so a TLS ClientHello gets no
-    answer at all: that is a TLS timeout after a working TCP connect, not a dropped SYN."""
+    """A derpkit node without TLS answers the ClientHello with an HTTP 400: "does not speak
+    TLS", and never a TCP problem."""
     async with derp_node(stun_port=None) as n:
         p = await probe_once(tmp_path, dmap((900, "lab", [node("900a", n.port)])),
                              "-tls-interval", "2s", "-mesh-interval", "2s")
         for name in ("derp/lab/900a/tls", "derp/lab/900a/900a/mesh"):
             r = result(p, name)
             assert not r.ok, (name, r)
-            assert r.diagnosis.startswith(f"TCP to 127.0.0.1:{n.port} works, but no TLS answer came"), (name, r)
+            assert r.diagnosis.startswith(f"127.0.0.1:{n.port} does not speak TLS (plain HTTP?)"), (name, r)
+
+
+async def test_tls_handshake_unanswered_after_tcp_worked(tmp_path: Path) -> None:
+    """A listener that accepts and then says nothing (a plain-HTTP server waiting for a
+    request line, a stuck proxy): the TCP connect worked, so this is a TLS timeout, not
+    dropped SYNs."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+
+    srv = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        p = await probe_once(tmp_path, dmap((900, "lab", [node("900a", port)])),
+                             "-tls-interval", "2s", "-mesh-interval", "2s")
+        for name in ("derp/lab/900a/tls", "derp/lab/900a/900a/mesh"):
+            r = result(p, name)
+            assert not r.ok, (name, r)
+            assert r.diagnosis.startswith(f"TCP to 127.0.0.1:{port} works, but no TLS answer came"), (name, r)
             assert "dropped" not in r.diagnosis
+    finally:
+        for w in held:
+            w.close()
+        srv.close()
 
 
 async def test_certificate_for_another_name(tmp_path: Path, ca: TestCA) -> None:
