@@ -1,6 +1,6 @@
 """The one asyncio STUN client: Binding requests over UDP, matched to replies by transaction id.
 
-``derpkit stunc``, ``derpkit healthcheck`` and the coming ``derpkit probe`` and NAT discovery all
+``derpkit stunc`` (and its NAT discovery), ``derpkit healthcheck`` and ``derpkit probe`` all
 ask the same question ("what address does this server see for my socket?"), so the socket
 handling lives here once, over the sans-IO :mod:`derpkit.stun.codec`:
 
