@@ -11,10 +11,16 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY derpkit ./derpkit
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[acme]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[acme]" \
+ && cd /wheels && sha256sum *.whl > /wheels.sha256
 
 # --- run --------------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm
+# The list of wheels (and their hashes) is copied in first: a layer cache (buildah's, at
+# least) does not look inside the bind mount below, so without this a changed derpkit would
+# be built into new wheels and the old ones would stay installed. It also records what the
+# image contains.
+COPY --from=build /wheels.sha256 /usr/local/share/derpkit/wheels.sha256
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels "derpkit[acme]" \
  && useradd --create-home --home-dir /home/derp --uid 1000 --shell /usr/sbin/nologin derp \
