@@ -69,13 +69,15 @@ class Running:
         return f"https://127.0.0.1:{self.derp_port}/derp"
 
 
-def first_healthy(name: str, t0: float, limit: float = 90) -> float:
+def first_healthy(name: str, t0: float, limit: float = 45) -> float:
     """Seconds from ``t0`` (just before `podman run`) to the first passing health check."""
     while True:
         rc, out = health(name)
         if rc == 0:
             return time.monotonic() - t0
-        assert time.monotonic() - t0 < limit, f"{name} not healthy after {limit} s: {out}"
+        if time.monotonic() - t0 > limit:
+            why = run(["podman", "exec", name, "derpkit", "healthcheck"], timeout=60)
+            raise AssertionError(f"{name} not healthy after {limit} s: {out}: {why.stdout}{why.stderr}")
         time.sleep(0.2)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,26 @@ def test_image_is_the_dockerfile_on_the_base_stand_in(image: Built) -> None:
     assert hc["Test"] == ["CMD", "derpkit", "healthcheck", "--quiet"], hc  # kept: docker format
     assert set(cfg["ExposedPorts"]) == {"80/tcp", "443/tcp", "3478/udp"}
     assert image.size < 400e6, image.size  # 296 MB on the stand-in when written
+
+
+_TREE_HASH = """
+import hashlib, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+h = hashlib.sha256()
+for f in sorted(root.rglob("*.py")):
+    h.update(str(f.relative_to(root)).encode() + b"\\0" + f.read_bytes())
+print(h.hexdigest())
+"""
+
+
+def test_image_holds_this_working_tree(image: Built) -> None:
+    """The installed package is the source the test runs from (no stale layer)."""
+    here = subprocess.run([sys.executable, "-c", _TREE_HASH, str(ROOT / "derpkit")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    where = "import derpkit, os; print(os.path.dirname(derpkit.__file__))"
+    pkg = run(["podman", "run", "--rm", IMAGE, "python3", "-c", where], check=True).stdout.strip()
+    there = run(["podman", "run", "--rm", IMAGE, "python3", "-c", _TREE_HASH, pkg], check=True).stdout.strip()
+    assert here == there, (here, there)
 
 
 def test_runs_as_the_seed_readme_does(derp: Running) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from .podman import doc_commands, ran
 
-OTHERS = ("test_image.py", "test_verify_clients.py", "test_bad_env.py", "test_compose.py")
+OTHERS = ("test_image.py", "test_verify_clients.py", "test_bad_env.py", "test_compose.py", "test_moved.py")
 
 
 def test_every_documented_command_ran(request: pytest.FixtureRequest) -> None:
