@@ -146,3 +146,27 @@ def test_diagnostics_netcheck_debug_derp_and_probe_local(run: dict[str, Any]) ->
     assert any("Nearest DERP: derpkit e2e dkip" in ln for ln in data["netcheck"]), data["netcheck"]
     assert data["debug_derp_errors"] == [], data["debug_derp"]
     assert data["probe_exit"] == 0 and any("dkip" in ln for ln in data["probe"]), data["probe"]
+
+
+@pytest.mark.parametrize("name,code,kind", [("mesh_go", "dkgo", "derper"), ("mesh_derpkit", "dkdk", "derpkit")],
+                         ids=["derpkit+derper", "derpkit+derpkit"])
+def test_mesh_across_implementations(run: dict[str, Any], name: str, code: str, kind: str) -> None:
+    """Node a homed on derpkit serve (m1), node b on m2 (Go derper, then derpkit) in the same
+    region, meshed: pings and 1 MiB transfers each way cross the mesh, and both relays count
+    the forwarded packets in each direction."""
+    data = step(run, name)
+    assert data["m2_kind"] == kind
+    assert len(data["ping"]) == 6 and all(f"via DERP({code})" in ln for ln in data["ping"]), data["ping"]
+    _check_transfers(data["transfers"], 1 << 20)
+    d1, d2 = data["varz_delta_m1"], data["varz_delta_m2"]
+    # 2 MiB of payload went each way: at least ~1400 full-size packets per direction crossed.
+    for d in (d1, d2):
+        assert d["derp_packets_forwarded_out"] > 1400 and d["derp_packets_forwarded_in"] > 1400, data
+    # What one side forwarded out over the mesh, the other counted in.
+    assert abs(d1["derp_packets_forwarded_out"] - d2["derp_packets_forwarded_in"]) <= 10, data
+    assert abs(d2["derp_packets_forwarded_out"] - d1["derp_packets_forwarded_in"]) <= 10, data
+
+
+def test_mesh_steps_route_node_b_around_m1_only(run: dict[str, Any]) -> None:
+    """The mesh steps send node b's dials to m1 into the refusing proxy on purpose; nothing else."""
+    assert all("m1.e2e.derpkit.test" in ln for ln in run["trapped_by_design"])
