@@ -167,6 +167,9 @@ def test_mesh_across_implementations(run: dict[str, Any], name: str, code: str, 
     assert abs(d2["derp_packets_forwarded_out"] - d1["derp_packets_forwarded_in"]) <= 10, data
 
 
-def test_mesh_steps_route_node_b_around_m1_only(run: dict[str, Any]) -> None:
-    """The mesh steps send node b's dials to m1 into the refusing proxy on purpose; nothing else."""
-    assert all("m1.e2e.derpkit.test" in ln for ln in run["trapped_by_design"])
+def test_mesh_steps_steered_node_b_around_m1(run: dict[str, Any]) -> None:
+    """The mesh steps send node b's dials to m1 into the refusing proxy on purpose, so that b
+    homes on m2: the trap must have seen those dials (else b's home was never forced)."""
+    step(run, "mesh_go")
+    assert run["trapped_by_design"], "node b never tried m1 through the proxy"
+    assert all("CONNECT" in ln for ln in run["trapped_by_design"]), run["trapped_by_design"][:5]
