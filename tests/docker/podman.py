@@ -163,7 +163,7 @@ def run_doc(command: str, loc: Localizer | None = None, *, timeout: float = 60, 
 def container_gone(*names: str) -> None:
     """Remove leftovers of an earlier, interrupted run (and our own, afterwards)."""
     for n in names:
-        run(["podman", "rm", "-f", "-t", "2", n], timeout=60)
+        run(["podman", "rm", "-f", "-v", "-t", "2", n], timeout=60)  # -v: the anonymous VOLUMEs too
 
 
 def volumes_gone(*names: str) -> None:
