@@ -22,7 +22,7 @@ from tests.interop.helpers import derp_map, probe_lines, run_go, write_map
 from tests.server.helpers import exchange
 
 from .conftest import CERTNAME_RE, Built, Running
-from .podman import BASE, IMAGE, ROOT, doc_command, health, run, run_doc, wait_log
+from .podman import BASE, IMAGE, ROOT, container_gone, doc_command, health, run, run_doc, wait_log
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -166,7 +166,7 @@ def test_healthcheck_healthy_then_unhealthy_when_the_relay_is_stopped(derp: Runn
     assert _health_state()["Status"] == "healthy"
 
 
-async def test_server_key_and_certificate_survive_a_restart(derp: Running) -> None:
+async def test_server_key_and_certificate_survive_a_restart_and_a_new_container(derp: Running) -> None:
     c = await DerpClient.connect(derp.url, cert_name=derp.pin, timeout=10)
     key = c.server_key
     await c.close()
@@ -186,3 +186,15 @@ async def test_server_key_and_certificate_survive_a_restart(derp: Running) -> No
     finally:
         await c.close()
     assert health("derp")[0] == 0
+    # A restart keeps the container's own filesystem too; a NEW container (an upgrade: rm,
+    # then the same `podman run`) has only the volumes to go on.
+    await asyncio.to_thread(container_gone, "derp")
+    await asyncio.to_thread(run_doc, doc_command("podman run -d --name derp"), derp.loc)
+    log = await asyncio.to_thread(wait_log, "derp", "DERP on port")
+    assert "wrote new server key" not in log and "wrote a self-signed" not in log, log
+    assert CERTNAME_RE.findall(log) == [derp.pin], log
+    c = await DerpClient.connect(derp.url, cert_name=derp.pin, timeout=10)
+    try:
+        assert c.server_key == key
+    finally:
+        await c.close()
