@@ -56,7 +56,7 @@ class NodeOptions:
     port: int = 0
     ssl_context: ssl.SSLContext | None = None
     stun_port: int | None = 0  # None disables STUN; 0 picks a free port
-    stun_strict: bool = False
+    stun_strict: bool = True
     #: RFC 5780 mode: the second (IP, port); None = off (derper's behaviour).
     stun_rfc5780: tuple[str, int] | None = None
     private_key: NodePrivate | None = None
@@ -193,7 +193,7 @@ class DerpNode:
 
             try:
                 self.stun = await start_stun_server(
-                    o.host, o.stun_port, strict=o.stun_strict, rfc5780=o.stun_rfc5780
+                    o.host, o.stun_port, strict=o.stun_strict and o.stun_rfc5780 is None, rfc5780=o.stun_rfc5780
                 )
             except OSError as e:
                 # derper goes on without STUN when its port is taken; we say so loudly.

@@ -4,9 +4,10 @@ Behaviour, and why it differs from Go derper:
 
 * Tailscale-shaped requests (SOFTWARE ``tailnode`` + FINGERPRINT) are answered exactly as Go
   derper answers them, using Tailscale's own quirky acceptance rules.
-* By default any well-formed RFC 5389/8489 Binding request is answered too. Go derper drops
-  those silently, so an operator checking the port with an ordinary STUN tool wrongly concludes
-  that UDP 3478 is blocked. ``strict=True`` (``-stun-strict``) restores Go's behaviour.
+* Other RFC 5389/8489 Binding requests are dropped, as Go derper drops them (``strict``, the
+  default). ``strict=False`` (``-stun-strict=false``) answers any well-formed Binding request
+  too, so an operator checking the port with an ordinary STUN tool does not wrongly conclude
+  that UDP 3478 is blocked. RFC 5780 mode always answers them (it needs plain requests).
 * IPv4 clients on a dual-stack socket are answered with family 0x01, not Go's ``::ffff:``
   family-0x02 form.
 * Nothing else is ever answered: no error responses, no replies to garbage. Every datagram is
@@ -89,7 +90,7 @@ class StunServer(asyncio.DatagramProtocol):
     def __init__(
         self,
         *,
-        strict: bool = False,
+        strict: bool = True,
         group: Rfc5780Group | None = None,
         slot: tuple[int, int] = (0, 0),
     ) -> None:
@@ -302,7 +303,7 @@ async def _serve(host: str, port: int, server: StunServer) -> StunServer:
 
 
 async def start_stun_server(
-    host: str, port: int, *, strict: bool = False, rfc5780: tuple[str, int] | None = None
+    host: str, port: int, *, strict: bool | None = None, rfc5780: tuple[str, int] | None = None
 ) -> StunServer:
     """Bind ``host:port`` (``""`` = dual-stack all addresses; ``0`` = ephemeral) and serve.
 
@@ -315,7 +316,8 @@ async def start_stun_server(
     fatal (Go derper logs it and keeps serving DERP without STUN).
     """
     if rfc5780 is None:
-        server = await _serve(host, port, StunServer(strict=strict))
+        # Go's behaviour unless told otherwise: only Tailscale-shaped requests.
+        server = await _serve(host, port, StunServer(strict=strict is not False))
         log.info("STUN server listening on %s", server.address)
         return server
     if strict:
@@ -323,14 +325,14 @@ async def start_stun_server(
     alt_ip, alt_port = rfc5780
     group = Rfc5780Group()
     try:
-        p1 = await _serve(host, port, StunServer(group=group, slot=(0, 0)))
+        p1 = await _serve(host, port, StunServer(strict=False, group=group, slot=(0, 0)))
         group.servers[(0, 0)] = p1
         port1 = group.addr((0, 0))[1]
-        p2 = await _serve(host, alt_port, StunServer(group=group, slot=(0, 1)))
+        p2 = await _serve(host, alt_port, StunServer(strict=False, group=group, slot=(0, 1)))
         group.servers[(0, 1)] = p2
         port2 = group.addr((0, 1))[1]
-        group.servers[(1, 0)] = await _serve(alt_ip, port1, StunServer(group=group, slot=(1, 0)))
-        group.servers[(1, 1)] = await _serve(alt_ip, port2, StunServer(group=group, slot=(1, 1)))
+        group.servers[(1, 0)] = await _serve(alt_ip, port1, StunServer(strict=False, group=group, slot=(1, 0)))
+        group.servers[(1, 1)] = await _serve(alt_ip, port2, StunServer(strict=False, group=group, slot=(1, 1)))
     except BaseException:
         for srv in group.servers.values():
             srv.close()

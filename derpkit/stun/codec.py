@@ -294,7 +294,7 @@ def build_plain_request(
     """An RFC 5389/8489 Binding request with ``attrs`` (padded with zeros), not Tailscale's.
 
     With no attributes it is the bare 20-byte header that generic STUN tools send; Go derper and
-    ``derpkit serve -stun-strict`` ignore it. RFC 5780 NAT discovery adds CHANGE-REQUEST here.
+    ``derpkit serve`` (unless ``-stun-strict=false``) ignore it. RFC 5780 NAT discovery adds CHANGE-REQUEST here.
     ``with_fingerprint`` appends a FINGERPRINT, which some servers require.
     """
     if txid is None:

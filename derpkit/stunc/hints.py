@@ -65,7 +65,7 @@ def fallback_note(first: str, server: str) -> str:
     if first == "plain":
         return (
             f"note: {server} ignored the plain RFC 5389 request but answered a Tailscale-shaped "
-            "one: a Tailscale-only server (Go derper, or derpkit serve -stun-strict); Tailscale "
+            "one: a Tailscale-only server (Go derper, or derpkit serve without -stun-strict=false); Tailscale "
             "clients are fine, generic STUN tools will see silence"
         )
     return (

@@ -28,8 +28,8 @@ def _start(name: str, wd: Path) -> servers.Server | None:
     try:
         if name == "derpkit-http":
             return servers.serve(wd)
-        if name == "derpkit-http-stun-strict":
-            return servers.serve(wd, extra=("-stun-strict",))
+        if name == "derpkit-http-stun-lenient":
+            return servers.serve(wd, extra=("-stun-strict=false",))
         if name == "derpkit-https":
             return servers.serve(wd, tls=True)
         if name == "derper-v1.102.3-http":
@@ -46,7 +46,7 @@ def _start(name: str, wd: Path) -> servers.Server | None:
         return None
 
 
-NAMES = ["derpkit-http", "derpkit-http-stun-strict", "derpkit-https", "derper-v1.102.3-http", "derper-v1.102.3-https",
+NAMES = ["derpkit-http", "derpkit-http-stun-lenient", "derpkit-https", "derper-v1.102.3-http", "derper-v1.102.3-https",
          "derper-v1.80.3-http", "derper-v1.104.7-http", "sing-box-v1.13.19-https"]
 
 

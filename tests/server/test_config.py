@@ -88,7 +88,7 @@ DERPER_FLAGS: dict[str, tuple[str, Any]] = {
     "ace": ("bool", False),
 }
 EXTENSIONS: dict[str, tuple[str, Any]] = {
-    "stun-strict": ("bool", False),
+    "stun-strict": ("bool", True),
     "stun-rfc5780": ("string", ""),
     "allowed-keys-file": ("string", ""),
     "restart-notice": ("duration", 5.0),
@@ -360,7 +360,7 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("TCP_WRITE_TIMEOUT", "tcp-write-timeout", "0", 0.0),
     ("RATE_CONFIG", "rate-config", "/etc/derper/rate.json", "/etc/derper/rate.json"),
     ("ACE", "ace", "true", True),
-    ("STUN_STRICT", "stun-strict", "true", True),
+    ("STUN_STRICT", "stun-strict", "false", False),
     ("STUN_RFC5780", "stun-rfc5780", "192.0.2.2", "192.0.2.2"),
     ("ALLOWED_KEYS_FILE", "allowed-keys-file", "/etc/derper/keys", "/etc/derper/keys"),
     ("RESTART_NOTICE", "restart-notice", "10s", 10.0),

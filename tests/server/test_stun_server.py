@@ -81,7 +81,17 @@ async def server4() -> AsyncIterator[StunServer]:
 
 @pytest.fixture
 async def strict4() -> AsyncIterator[StunServer]:
+    """The default, spelled out: only Tailscale-shaped requests, as Go derper."""
     srv = await start_stun_server("127.0.0.1", 0, strict=True)
+    yield srv
+    srv.close()
+    await srv.wait_closed()
+
+
+@pytest.fixture
+async def lenient4() -> AsyncIterator[StunServer]:
+    """``-stun-strict=false``: any well-formed Binding request is answered too."""
+    srv = await start_stun_server("127.0.0.1", 0, strict=False)
     yield srv
     srv.close()
     await srv.wait_closed()
@@ -185,14 +195,19 @@ BARE_RFC = build_message(0x0001, bytes(range(1, 13)), [])  # what coturn's clien
 
 
 @pytest.mark.parametrize("req", [RFC5769, BARE_RFC], ids=["rfc5769-sample", "bare-20-bytes"])
-async def test_rfc_request_answered_by_default(
-    server4: StunServer, client4: Client, req: bytes
+async def test_rfc_request_answered_with_strict_off(
+    lenient4: StunServer, client4: Client, req: bytes
 ) -> None:
-    client4.send(req, dst(server4))
+    client4.send(req, dst(lenient4))
     reply = await client4.recv()
     assert reply == build_response(req[8:20], *client4.addr)
-    assert server4.counts["requests", "rfc"] == 1
-    assert server4.counts["requests", "success"] == 0
+    assert lenient4.counts["requests", "rfc"] == 1
+    assert lenient4.counts["requests", "success"] == 0
+
+
+async def test_default_server_is_strict(server4: StunServer) -> None:
+    """Go derper's behaviour is the default: the server the node starts without options."""
+    assert server4.strict
 
 
 @pytest.mark.parametrize("req", [RFC5769, BARE_RFC], ids=["rfc5769-sample", "bare-20-bytes"])
@@ -294,8 +309,8 @@ async def test_every_non_request_vector_dropped_in_strict_mode(
     assert strict4.counts["requests", "success"] == 1
 
 
-async def test_non_request_vectors_in_rfc_mode(server4: StunServer, client4: Client) -> None:
-    """By default a vector is answered exactly when it is a well-formed RFC request."""
+async def test_non_request_vectors_in_rfc_mode(lenient4: StunServer, client4: Client) -> None:
+    """With -stun-strict=false a vector is answered exactly when it is a well-formed RFC request."""
     answered = []
     for v in NOT_REQUESTS:
         data = bytes.fromhex(v["hex"])
@@ -304,16 +319,16 @@ async def test_non_request_vectors_in_rfc_mode(server4: StunServer, client4: Cli
             answered.append(v["name"])
         except ValueError:
             pass
-        client4.send(data, dst(server4))
+        client4.send(data, dst(lenient4))
         # The marker request tells "answered" from "dropped" without waiting out a timeout.
         marker = bytes(11) + bytes([len(answered) % 256])
-        client4.send(build_request(marker), dst(server4))
+        client4.send(build_request(marker), dst(lenient4))
         first = parse_response(await client4.recv())
         if v["name"] in answered:
             assert first.txid == data[8:20], v["name"]
             first = parse_response(await client4.recv())
         assert first.txid == marker, v["name"]
-    assert server4.counts["requests", "rfc"] == len(answered)
+    assert lenient4.counts["requests", "rfc"] == len(answered)
     assert "rfc5769-2.1-sample-request" in answered
     assert "req-wrong-software" in answered
 
@@ -340,11 +355,12 @@ async def run_tool(*argv: str, limit: float = 5.0) -> tuple[int | None, str]:
 @pytest.mark.skipif(
     TURNUTILS is None, reason="turnutils_stunclient missing (apt-get install coturn)"
 )
-async def test_coturn_client_gets_an_answer(server4: StunServer) -> None:
-    """coturn's client sends a plain RFC request; Go derper ignores it, we answer."""
-    _, out = await run_tool(TURNUTILS, "-p", str(server4.sockname[1]), "127.0.0.1")
+async def test_coturn_client_gets_an_answer_with_strict_off(lenient4: StunServer) -> None:
+    """coturn's client sends a plain RFC request; Go derper ignores it (so does our default),
+    -stun-strict=false answers it."""
+    _, out = await run_tool(TURNUTILS, "-p", str(lenient4.sockname[1]), "127.0.0.1")
     assert "UDP reflexive addr: 127.0.0.1:" in out, out
-    assert server4.counts["requests", "rfc"] >= 1
+    assert lenient4.counts["requests", "rfc"] >= 1
 
 
 @pytest.mark.skipif(
@@ -380,18 +396,18 @@ def test_struct_sanity() -> None:
 @pytest.mark.parametrize(
     ("args", "env", "strict"),
     [
-        ((), {}, False),
-        (("-stun-strict",), {}, True),
-        ((), {"STUN_STRICT": "true"}, True),
-        (("-stun-strict=false",), {"STUN_STRICT": "true"}, False),  # the flag beats the env
+        ((), {}, True),
+        (("-stun-strict=false",), {}, False),
+        ((), {"STUN_STRICT": "false"}, False),
+        (("-stun-strict",), {"STUN_STRICT": "false"}, True),  # the flag beats the env
     ],
-    ids=["default", "flag", "env", "flag-false-over-env"],
+    ids=["default", "flag-false", "env-false", "flag-over-env"],
 )
 async def test_serve_process_stun_strict(args: tuple[str, ...], env: dict[str, str], strict: bool,
                                           client4: Client) -> None:
     """``derpkit serve`` as an operator starts it: an ordinary RFC 5389 Binding request is
-    answered by default and met with silence under ``-stun-strict`` (flag or STUN_STRICT),
-    where only Tailscale-shaped requests are answered, as Go derper does."""
+    met with silence by default, as Go derper does (only Tailscale-shaped requests are
+    answered), and answered with ``-stun-strict=false`` (flag or STUN_STRICT=false)."""
     from .serve_proc import start_serve
 
     sp = await start_serve("-a", "127.0.0.1:0", "-stun-port", "0", "-http-port", "-1", *args, env=env)

@@ -398,7 +398,7 @@ async def test_interval_spaces_requests(server: StunServer, capsys: pytest.Captu
 
 
 async def test_plain_against_strict_server_falls_back(capsys: pytest.CaptureFixture) -> None:
-    """Go derper's behaviour (-stun-strict): the plain request is ignored, the retry answered."""
+    """Go derper's behaviour (derpkit serve's default): the plain request is ignored, the retry answered."""
     srv = await start_stun_server("127.0.0.1", 0, strict=True)
     try:
         assert await stunc("-plain", "-timeout", "300ms", "127.0.0.1", port_of(srv)) == 0
@@ -415,10 +415,15 @@ async def test_plain_against_strict_server_falls_back(capsys: pytest.CaptureFixt
         srv.close()
 
 
-async def test_plain_against_default_server(server: StunServer, capsys: pytest.CaptureFixture) -> None:
-    assert await stunc("-plain", "127.0.0.1", port_of(server)) == 0
-    assert STUN_LINES.match(capsys.readouterr().err)
-    assert server.counts["requests", "rfc"] == 1 and server.counts["requests", "success"] == 0
+async def test_plain_against_a_server_with_strict_off(capsys: pytest.CaptureFixture) -> None:
+    """``derpkit serve -stun-strict=false`` answers the bare RFC request itself."""
+    srv = await start_stun_server("127.0.0.1", 0, strict=False)
+    try:
+        assert await stunc("-plain", "127.0.0.1", port_of(srv)) == 0
+        assert STUN_LINES.match(capsys.readouterr().err)
+        assert srv.counts["requests", "rfc"] == 1 and srv.counts["requests", "success"] == 0
+    finally:
+        srv.close()
 
 
 async def test_silence_tries_both_shapes(silent_port: str, capsys: pytest.CaptureFixture) -> None:

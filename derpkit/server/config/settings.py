@@ -492,9 +492,11 @@ SETTINGS: tuple[Setting, ...] = (
         "stun-strict",
         ("STUN_STRICT",),
         "bool",
-        False,
-        "Answer only Tailscale-shaped STUN binding requests, as derper does (default: "
-        "answer any well-formed binding request).",
+        True,
+        "Answer only Tailscale-shaped STUN binding requests, as derper does. With "
+        "-stun-strict=false any well-formed RFC 5389 binding request is answered too, so "
+        "ordinary STUN tools (turnutils_stunclient, stunc -plain) get a reply; -stun-rfc5780 "
+        "implies that.",
         extension=True,
     ),
     Setting(

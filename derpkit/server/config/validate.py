@@ -80,7 +80,7 @@ def _check_rfc5780(cfg: ServeConfig) -> None:
             env=env_of(cfg.origins, "stun_rfc5780"),
         )
 
-    if cfg.stun_strict:
+    if cfg.stun_strict and "stun_strict" in cfg.origins:
         raise refuse("cannot be combined with -stun-strict (RFC 5780 tests use plain "
                      "RFC 5389 requests, which -stun-strict ignores)", "stun_strict")
     if not cfg.stun:
