@@ -52,9 +52,19 @@ class World:
         return ps + ([self.control.proc] if self.control else [])
 
     def use_map(self, derp_map: dict[str, Any]) -> None:
+        """Give every node ``derp_map`` and wait until each has it.
+
+        Replacing testcontrol's map twice within a moment can leave a node with the first
+        one, so no step goes on before every node shows the new regions. (A node then moves
+        its home at its next periodic netcheck, some 20-25 s later: most of the TLS and
+        mesh steps' time.)"""
         H.register_regions(derp_map)
         assert self.control is not None
         self.control.set_map(derp_map)
+        want = sorted(derp_map["Regions"])
+        for n in self.nodes.values():
+            H.wait_until(lambda n=n: sorted(json.loads(n.cli("debug", "derp-map").stdout)["Regions"]) == want,
+                         20, f"{n.name} receiving the DERP map with regions {want}", n.proc, self.control.proc)
 
     def start_nodes(self, env: dict[str, str]) -> None:
         """(Re)start nodes a and b with ``env``; their state directories persist."""
@@ -282,10 +292,7 @@ def step_failover(w: World) -> dict[str, Any]:
     r2 = H.start_relay("relay2", "derpkit", w.work)
     w.relays["relay2"] = r2
     await_home(w, "dk1")
-    w.use_map(_dm((901, "dk1", r1), (904, "dk2", r2)))
-    for n in w.nodes.values():  # both nodes must know the second region before the first dies
-        H.wait_until(lambda n=n: "904" in json.loads(n.cli("debug", "derp-map").stdout)["Regions"], 20,
-                     f"{n.name} learning region 904", n.proc, w.control.proc if w.control else n.proc)
+    w.use_map(_dm((901, "dk1", r1), (904, "dk2", r2)))  # returns once both nodes know dk2
     homes_before = {k: n.status()["Self"].get("Relay") for k, n in w.nodes.items()}
     check(set(homes_before.values()) == {"dk1"}, f"nodes moved off dk1 before the kill: {homes_before}")
     before = counters(r2)
