@@ -410,3 +410,65 @@ async def test_no_secret_in_logs_or_metrics_and_key_files_are_0600(tmp_path: Pat
     finally:
         for sp in procs:
             await sp.stop()
+
+
+# ---------------------------------------------------------------- half-open
+
+
+async def _half_open_in_namespace() -> dict[str, object]:
+    """Inside ``unshare -rn``: a client vanishes without FIN or RST (iptables drops all its
+    packets) while packets are sent to it; the server's TCP_USER_TIMEOUT (2 s here, 15 s in
+    production) must end the connection, and the pair must not notice."""
+    import subprocess
+
+    from derpkit.protocol.connection import ClientConnection
+
+    await asyncio.to_thread(subprocess.run, ["ip", "link", "set", "lo", "up"], check=True)
+    opts = NodeOptions(stun_port=None, on_connect=ConnectionControls(None, user_timeout=2.0).on_connect)
+    out: dict[str, object] = {}
+    async with DerpNode(opts) as node, healthy_pair(node.url) as (_a, _b, count):
+        sender = await DerpClient.connect(node.url)
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", node.port))
+        sock.setblocking(False)
+        r, w = await asyncio.open_connection(sock=sock)
+        victim = NodePrivate.generate()
+        core = ClientConnection(victim, host="x", server_key=node.public_key, read_timeout=None)
+        core.start(0.0)
+        w.write(core.data_to_send())
+        await asyncio.sleep(0.5)
+        out["conns_before"] = node.server.gauges()["current_connections"]
+        for rule in (["-s", "127.0.0.2"], ["-d", "127.0.0.2"]):
+            await asyncio.to_thread(subprocess.run, ["iptables", "-A", "INPUT", *rule, "-j", "DROP"], check=True)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        blob = os.urandom(1000)
+        while node.server.gauges()["current_connections"] >= out["conns_before"] and loop.time() - t0 < 20:
+            await sender.send(victim.public(), blob)
+            await asyncio.sleep(0.05)
+        out["closed_after"] = loop.time() - t0
+        out["conns_after"] = node.server.gauges()["current_connections"]
+        out["pair_rounds"] = count[0]
+        await sender.close()
+        w.transport.abort()
+    return out
+
+
+def test_half_open_connection_is_closed_by_the_tcp_user_timeout() -> None:
+    import subprocess
+    import sys
+
+    from tests.goderper import require_netns
+
+    require_netns("the half-open test drops a client's packets with iptables in its own namespace")
+    code = ("import asyncio, json; from tests.server.test_hostile import _half_open_in_namespace as f; "
+            "print(json.dumps(asyncio.run(f())))")
+    p = subprocess.run(["unshare", "-rn", sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout.strip().splitlines()[-1])
+    # Closed by the user timeout (2 s of unacknowledged data), not at once and not never.
+    assert d["conns_after"] == d["conns_before"] - 1, d
+    assert 1.5 < d["closed_after"] < 10, d
+    assert d["pair_rounds"] >= 10, d
