@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from tests.goderper import require_go_tool
 from tests.interop.helpers import derp_map, probe_lines, run_go, write_map
 from tests.server.helpers import exchange
 
-from .conftest import CERTNAME_RE, Built, Running
+from .conftest import CERTNAME_RE, TREE_HASH, Built, Running
 from .podman import BASE, IMAGE, ROOT, container_gone, doc_command, health, run, run_doc, wait_log
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,24 +44,12 @@ def test_image_is_the_dockerfile_on_the_base_stand_in(image: Built) -> None:
     assert image.size < 400e6, image.size  # 296 MB on the stand-in when written
 
 
-_TREE_HASH = """
-import hashlib, pathlib, sys
-root = pathlib.Path(sys.argv[1])
-h = hashlib.sha256()
-for f in sorted(root.rglob("*.py")):
-    h.update(str(f.relative_to(root)).encode() + b"\\0" + f.read_bytes())
-print(h.hexdigest())
-"""
-
-
 def test_image_holds_this_working_tree(image: Built) -> None:
-    """The installed package is the source the test runs from (no stale layer)."""
-    here = subprocess.run([sys.executable, "-c", _TREE_HASH, str(ROOT / "derpkit")],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    """The installed package is the source the build read (no stale layer)."""
     where = "import derpkit, os; print(os.path.dirname(derpkit.__file__))"
     pkg = run(["podman", "run", "--rm", IMAGE, "python3", "-c", where], check=True).stdout.strip()
-    there = run(["podman", "run", "--rm", IMAGE, "python3", "-c", _TREE_HASH, pkg], check=True).stdout.strip()
-    assert here == there, (here, there)
+    there = run(["podman", "run", "--rm", IMAGE, "python3", "-c", TREE_HASH, pkg], check=True).stdout.strip()
+    assert there == image.tree_hash, (there, image.tree_hash)
 
 
 def test_runs_as_the_seed_readme_does(derp: Running) -> None:
