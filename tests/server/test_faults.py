@@ -25,6 +25,7 @@ from derpkit.client import DerpClient
 from derpkit.protocol.keys import NodePrivate
 
 from .helpers import deliver_eventually
+from .serve_proc import start_serve
 from .test_mesh_serve import Mesh
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,4 +152,142 @@ async def test_kill_minus_9_one_of_three_under_load() -> None:
         for cl in clients:
             with contextlib.suppress(Exception):
                 await cl.close()
+        await mesh.stop_all()
+
+
+class SlowLink:
+    """A TCP relay on loopback standing in for ``tc netem`` (absent from this machine's kernel):
+    every chunk is held ``delay`` seconds, in order, and ``stall()`` stops the link for a
+    while (a loss burst as TCP sees it: nothing moves until retransmission gets through)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port, self.delay = target_port, delay
+        self.resume_at = 0.0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> SlowLink:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def stall(self, seconds: float) -> None:
+        self.resume_at = asyncio.get_running_loop().time() + seconds
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def later() -> None:
+            while True:
+                due, data = await q.get()
+                wait = max(due, self.resume_at) - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    w.close()
+                    return
+                w.write(data)
+                await w.drain()
+
+        t = asyncio.create_task(later())
+        self.tasks.add(t)
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(65536):
+                q.put_nowait((loop.time() + self.delay, data))
+        q.put_nowait((loop.time() + self.delay, b""))
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for t in (asyncio.create_task(self._pipe(r, uw)), asyncio.create_task(self._pipe(ur, w))):
+            self.tasks.add(t)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for t in self.tasks:
+            t.cancel()
+
+
+async def test_delay_and_a_stall_on_the_mesh_link() -> None:
+    """Two meshed nodes whose only link runs through SlowLink (80 ms each way, then a 3 s
+    stall): a paced two-way stream across the mesh loses nothing, is never misdelivered,
+    every packet takes at least the link's delay, and the stall only delays (the mesh link
+    survives it: its write timeout is 30 s)."""
+    mesh = Mesh(2)
+    links = [await SlowLink(mesh.ports[1], 0.08).start(), await SlowLink(mesh.ports[0], 0.08).start()]
+    # Node i reaches its peer only through links[i]; its own address stays direct.
+    peers = [f"127.0.0.1:{mesh.ports[0]},127.0.0.1:{links[0].port}",
+             f"127.0.0.1:{links[1].port},127.0.0.1:{mesh.ports[1]}"]
+    procs = []
+    clients: list[DerpClient] = []
+    try:
+        for i in range(2):
+            args = mesh.args(i)
+            args[args.index("-mesh-with") + 1] = peers[i]
+            procs.append(await start_serve(*args))
+        mesh.procs = procs  # type: ignore[assignment]
+        a = await DerpClient.connect(mesh.url(0))
+        b = await DerpClient.connect(mesh.url(1))
+        clients += [a, b]
+        await deliver_eventually(a, b, b"warm-up", within=20)
+        await deliver_eventually(b, a, b"warm-up", within=20)
+        await asyncio.sleep(0.5)
+        for cl in (a, b):
+            while True:
+                try:
+                    await cl.recv(timeout=0.3)
+                except Exception:  # noqa: BLE001
+                    break
+        ab, ba = Stream("ab", a, b), Stream("ba", b, a)
+        ra, rb = Receiver(a, [ba]), Receiver(b, [ab])
+        arrived: dict[tuple[str, int], float] = {}
+        loop = asyncio.get_running_loop()
+        for r in (ra, rb):
+            r.task.cancel()
+
+        async def timed(client: DerpClient, st: Stream) -> None:
+            me = client.public_key.raw.hex().encode()
+            while True:
+                p = await client.recv(timeout=60)
+                data = getattr(p, "data", None)
+                if data is None:
+                    continue
+                name, dst, seq = data.split(b"|")
+                if dst != me or name != st.name.encode() or p.src != st.src.public_key.raw:
+                    ra.misdelivered.append(data)
+                    continue
+                st.got.add(int(seq))
+                arrived[(st.name, int(seq))] = loop.time()
+
+        readers = [asyncio.create_task(timed(b, ab)), asyncio.create_task(timed(a, ba))]
+        stop = asyncio.Event()
+        pacer = asyncio.create_task(pace([ab, ba], stop, every=0.02))
+        await asyncio.sleep(2)
+        stall_from = ab.sent
+        for link in links:
+            link.stall(3.0)
+        await asyncio.sleep(5)
+        stop.set()
+        await pacer
+        await asyncio.sleep(1.5)
+        for t in readers:
+            t.cancel()
+        assert not ra.misdelivered
+        for st in (ab, ba):
+            missing = set(range(st.sent)) - st.got
+            assert st.sent > 200 and not missing, (st.name, st.sent, sorted(missing)[:10])
+            lat = sorted(arrived[(st.name, n)] - st.sent_at[n] for n in range(st.sent))
+            assert lat[0] >= 0.075, lat[0]  # nothing skips the link
+            assert lat[-1] < 6, lat[-1]  # the stall delayed, it did not lose
+            stalled = [arrived[(st.name, n)] - st.sent_at[n] for n in range(stall_from, stall_from + 20)]
+            assert max(stalled) > 1.5, stalled  # the stall really happened on this path
+        assert all(p.proc.returncode is None for p in procs)
+    finally:
+        for cl in clients:
+            with contextlib.suppress(Exception):
+                await cl.close()
+        for link in links:
+            await link.stop()
         await mesh.stop_all()
