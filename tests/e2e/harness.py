@@ -40,6 +40,14 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the scenario process dies (Linux PR_SET_PDEATHSIG), so
+    a scenario killed by its timeout leaves no tailscaled or relay behind."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 @dataclass
 class Proc:
     """One child process with its log file (stdout and stderr together)."""
@@ -55,7 +63,7 @@ class Proc:
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                       stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         return self
 
