@@ -46,9 +46,9 @@ def free_udp_port() -> int:
 
 
 async def stun_answers(port: int, timeout: float = 1.0) -> bool:
-    """Does a bare RFC 5389 Binding request (what generic STUN tools send) get an answer?"""
+    """Does a Tailscale-shaped Binding request (what Tailscale clients send) get an answer?"""
     try:
-        await query("127.0.0.1", port, timeout=timeout, shape="plain")
+        await query("127.0.0.1", port, timeout=timeout)
     except (StunTimeout, StunUnreachable):
         return False
     return True
