@@ -460,7 +460,6 @@ class DerpClient:
             lambda: _TcpProtocol(self), dial_host or u.host, u.port
         )
         self._backend = proto
-        transport: asyncio.BaseTransport = raw
         if plan is not None:
             self._stage = "TLS handshake"
             tls = await self._loop.start_tls(
@@ -468,11 +467,11 @@ class DerpClient:
             )
             if tls is None:  # the peer closed during the handshake
                 raise DerpConnectionError(f"connect to {self.url}: closed during the TLS handshake")
-            proto.transport = transport = tls
-        if plan is not None:
-            check_after_handshake(plan, transport.get_extra_info("ssl_object"), self.url)
-        if (server_key is None or server_key.is_zero()) and plan is not None:
-            server_key = meta_cert_server_key(transport.get_extra_info("ssl_object"))
+            proto.transport = tls
+            sslobj = tls.get_extra_info("ssl_object")
+            check_after_handshake(plan, sslobj, self.url)
+            if server_key is None or server_key.is_zero():
+                server_key = meta_cert_server_key(sslobj)
         core = self._new_core(u, server_key, False, ideal_node)
         self._flush()
         if core.fast_start:

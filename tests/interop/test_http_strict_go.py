@@ -18,6 +18,7 @@ import pytest
 
 from derpkit.server.frontdoor import request as R
 from tests.goderper import GoDerper, require_derper, start_derper
+from tests.server.helpers import converse as send_and_read
 from tests.server.serve_proc import ServeProc, start_serve
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,21 +88,7 @@ _STATUS = re.compile(rb"HTTP/1\.[01] \d\d\d[^\r\n]*")
 
 
 async def converse(port: int, data: bytes) -> tuple[list[str], bool]:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(data)
-    buf, closed = b"", False
-    try:
-        while True:
-            d = await asyncio.wait_for(r.read(65536), 0.7)
-            if not d:
-                closed = True
-                break
-            buf += d
-    except TimeoutError:
-        pass
-    except ConnectionError:
-        closed = True
-    w.close()
+    buf, closed = await send_and_read(port, data, quiet=0.7)
     return [s.decode() for s in _STATUS.findall(buf)], closed
 
 

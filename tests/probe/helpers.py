@@ -61,6 +61,3 @@ def issue(ca: TestCA, directory: Path, stem: str, dns: list[str], *, ips: tuple[
     """``TestCA.issue`` with the leaf written into ``directory`` (dates, CRL, full chain in ``kw``)."""
     return ca.issue(stem, dns, list(ips), directory=directory, **kw)
 
-
-def crl(ca: TestCA, revoked: list[int]) -> bytes:
-    return ca.crl(revoked)

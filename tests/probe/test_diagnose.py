@@ -353,8 +353,6 @@ async def test_port80_answering_204_gives_no_warning(tmp_path: Path, localhost_l
 async def test_crl_revoked_leaf_fails_unrevoked_passes_missing_issuer_explained(tmp_path: Path, ca: TestCA) -> None:
     from cryptography import x509
 
-    from .helpers import crl
-
     served: dict[str, bytes] = {}
 
     async def crl_handler(request: web.Request) -> web.Response:
@@ -372,8 +370,8 @@ async def test_crl_revoked_leaf_fails_unrevoked_passes_missing_issuer_explained(
         ok = issue(ca, tmp_path / "c", "fine", ["localhost"], crl_url=base + "/b.crl", fullchain=True)
         lone = issue(ca, tmp_path / "c", "lone", ["localhost"], crl_url=base + "/b.crl")
         serial = x509.load_der_x509_certificate(bad.der).serial_number
-        served["a"] = crl(ca, [serial])
-        served["b"] = crl(ca, [serial + 1])
+        served["a"] = ca.crl([serial])
+        served["b"] = ca.crl([serial + 1])
         async with derp_node(ssl_context=bad.server_context(), stun_port=None) as a, \
                 derp_node(ssl_context=ok.server_context(), stun_port=None) as b, \
                 derp_node(ssl_context=lone.server_context(), stun_port=None) as c:

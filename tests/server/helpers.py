@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl as ssl_mod
 from collections.abc import AsyncIterator
 
 from derpkit.client import DerpClient, DerpConnectionError
@@ -181,6 +182,30 @@ def garbage_cases(server_key: bytes) -> dict[str, tuple[bytes, bool]]:
         "forward_packet_without_mesh_key": (
             F.ForwardPacket(k.public().raw, other.public().raw, b"sneaky").encode(), True),
     }
+
+
+async def converse(
+    port: int, data: bytes, *, quiet: float = 0.5, ssl: ssl_mod.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> tuple[bytes, bool]:
+    """Send ``data`` on a new connection, read until the server closes it or stays quiet
+    for ``quiet`` seconds; (everything read, whether the server closed or reset it)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl, server_hostname=server_hostname)
+    w.write(data)
+    buf, closed = b"", False
+    try:
+        while True:
+            d = await asyncio.wait_for(r.read(65536), quiet)
+            if not d:
+                closed = True
+                break
+            buf += d
+    except TimeoutError:
+        pass
+    except (ConnectionError, ssl_mod.SSLError):
+        closed = True
+    w.close()
+    return buf, closed
 
 
 async def recv_packet(c: DerpClient, timeout: float = 5.0) -> F.RecvPacket:

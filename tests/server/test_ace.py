@@ -28,6 +28,7 @@ import pytest
 from derpkit.server.frontdoor import ace
 from derpkit.server.frontdoor.goresponse import go_error
 from tests.goderper import require_netns
+from tests.server.helpers import converse
 from tests.server.serve_proc import ServeProc, start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,22 +140,7 @@ async def exchange(port: int, request: bytes, *, tls: bool) -> tuple[bytes, bool
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1" if tls else None)
-    w.write(request)
-    buf, closed = b"", False
-    try:
-        while True:
-            d = await asyncio.wait_for(r.read(65536), 0.5)
-            if not d:
-                closed = True
-                break
-            buf += d
-    except TimeoutError:
-        pass
-    except (ConnectionError, ssl.SSLError):
-        closed = True
-    w.close()
-    return buf, closed
+    return await converse(port, request, quiet=0.5, ssl=ctx, server_hostname="127.0.0.1" if tls else None)
 
 
 async def tls_serve(tmp_path: Path, *extra: str) -> ServeProc:

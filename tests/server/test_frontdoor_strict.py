@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from derpkit.server.frontdoor import request as R
+from tests.server.helpers import converse as send_and_read
 from tests.server.serve_proc import ServeProc, start_serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,22 +127,7 @@ def test_accepted_heads() -> None:
 
 async def converse(port: int, data: bytes, quiet: float = 0.7) -> tuple[bytes, bool]:
     """Send ``data``, read until the server closes or stays quiet; (bytes, closed)."""
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(data)
-    buf, closed = b"", False
-    try:
-        while True:
-            d = await asyncio.wait_for(r.read(65536), quiet)
-            if not d:
-                closed = True
-                break
-            buf += d
-    except TimeoutError:
-        pass
-    except ConnectionError:
-        closed = True
-    w.close()
-    return buf, closed
+    return await send_and_read(port, data, quiet=quiet)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
