@@ -45,13 +45,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _globs(values: list[str]) -> list[str]:
-    return [g.strip() for v in values for g in v.split(",") if g.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cases = select(_globs(args.cases), _globs(args.exclude))
+    cases = select(args.cases, args.exclude)
     if args.list:
         try:
             for c in cases:

@@ -28,10 +28,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--derp-long", action="store_true", help="also run the cases that wait on server timers (60-65 s)")
 
 
-def _globs(values: list[str]) -> list[str]:
-    return [g.strip() for v in values for g in v.split(",") if g.strip()]
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     url = config.getoption("derp_url")
@@ -50,7 +46,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError(f"--derp-url: {e}") from None
     config.stash[_target_key] = target
     suite = DerpSuite.from_parent(session, name="derp-conformance")
-    for c in select(_globs(config.getoption("derp_cases")), _globs(config.getoption("derp_exclude"))):
+    for c in select(config.getoption("derp_cases"), config.getoption("derp_exclude")):
         items.append(DerpCaseItem.from_parent(suite, name=c.id, case=c))
 
 

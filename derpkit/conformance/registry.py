@@ -134,13 +134,19 @@ def all_cases() -> list[Case]:
     return sorted(_REGISTRY.values(), key=lambda c: (AREAS.index(c.area), c.number))
 
 
+def _split(values: Iterable[str]) -> list[str]:
+    return [g.strip() for v in values for g in v.split(",") if g.strip()]
+
+
 def select(include: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[Case]:
     """Cases whose id matches any ``include`` glob (all when none) and no ``exclude`` glob.
 
-    A bare area name (``relay``) means the whole area, as ``relay/*`` does.
+    Each value may be a comma list (``relay/*,ping/1``), as ``--cases`` takes it on the
+    command line and in the pytest plugin. A bare area name (``relay``) means the whole
+    area, as ``relay/*`` does.
     """
-    inc = [_glob(g) for g in include if g]
-    exc = [_glob(g) for g in exclude if g]
+    inc = [_glob(g) for g in _split(include)]
+    exc = [_glob(g) for g in _split(exclude)]
     out = []
     for c in all_cases():
         if inc and not any(fnmatch.fnmatchcase(c.id, g) for g in inc):
