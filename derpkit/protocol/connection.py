@@ -325,7 +325,12 @@ class ClientConnection:
             self.server_key = NodePublic(sk.key)
             self.server_key_received = True
             self.state = ClientState.AWAIT_SERVER_INFO
-            self._write(self._hello())
+            try:
+                hello = self._hello()
+            except ProtocolError as e:  # a key nothing can be sealed to
+                self._close(e, events)
+                return
+            self._write(hello)
             events.append(ServerKeyReceived(self.server_key, sk.extra))
             return
         if ftype == _T_SERVER_KEY:

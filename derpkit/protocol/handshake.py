@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nacl.exceptions import CryptoError
+from nacl.exceptions import RuntimeError as NaclRuntimeError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from .constants import KEY_LEN, NONCE_LEN, PROTOCOL_VERSION, FrameType
@@ -22,8 +23,16 @@ from .keys import MeshKey, NodePrivate, NodePublic
 
 
 def seal(sender: NodePrivate, recipient: NodePublic, plaintext: bytes) -> bytes:
-    """nonce || tag || ciphertext, as Go's key.NodePrivate.SealTo writes it."""
-    box = Box(PrivateKey(sender.raw), PublicKey(recipient.raw))
+    """nonce || tag || ciphertext, as Go's key.NodePrivate.SealTo writes it.
+
+    libsodium refuses a low-order recipient key (all zeros, say) where Go would seal with
+    an all-zero secret: that is ``ProtocolError("bad_key")`` here, so a hostile server's
+    ServerKey cannot crash the client core with nacl's RuntimeError (found by atheris).
+    """
+    try:
+        box = Box(PrivateKey(sender.raw), PublicKey(recipient.raw))
+    except NaclRuntimeError as e:
+        raise ProtocolError("bad_key", f"cannot seal to {recipient}: a low-order key ({e})") from None
     return bytes(box.encrypt(plaintext, os.urandom(NONCE_LEN)))
 
 
