@@ -445,6 +445,12 @@ class FlagHelp(FlagError):
     """``-h`` or ``-help`` was given and no flag of that name is defined (Go's ``ErrHelp``)."""
 
 
+def _shown(text: str) -> str:
+    """An argument as it goes into a one-line error: as given (Go's text) when printable,
+    else Go-quoted, so a newline in argv cannot split the line (found by atheris)."""
+    return text if text.isprintable() else go_quote(text)
+
+
 def scan_flags(
     argv: Sequence[str], is_bool: Callable[[str], bool | None], rest: list[str]
 ) -> Iterator[tuple[str, str, bool]]:
@@ -469,20 +475,20 @@ def scan_flags(
                 break
             name = s[minuses:]
             if not name or name[0] in "-=":
-                raise FlagError(f"bad flag syntax: {s}")
+                raise FlagError(f"bad flag syntax: {_shown(s)}")
             args.pop(0)
             name, has_value, value = name.partition("=")
             kind = is_bool(name)
             if kind is None:
                 if name in ("h", "help"):
                     raise FlagHelp("flag: help requested", name)
-                raise FlagError(f"flag provided but not defined: -{name}", name)
+                raise FlagError(f"flag provided but not defined: {_shown('-' + name)}", name)
             if kind:
                 yield name, (value if has_value else "true"), True
                 continue
             if not has_value:
                 if not args:
-                    raise FlagError(f"flag needs an argument: -{name}", name)
+                    raise FlagError(f"flag needs an argument: {_shown('-' + name)}", name)
                 value = args.pop(0)
             yield name, value, False
     finally:
@@ -492,5 +498,5 @@ def scan_flags(
 def flag_value_error(name: str, text: str, reason: str, *, is_bool: bool) -> FlagError:
     """Go's line for a flag value its parser refused (bool flags have their own wording)."""
     if is_bool:
-        return FlagError(f"invalid boolean value {go_quote(text)} for -{name}: {reason}", name)
-    return FlagError(f"invalid value {go_quote(text)} for flag -{name}: {reason}", name)
+        return FlagError(f"invalid boolean value {go_quote(text)} for {_shown('-' + name)}: {reason}", name)
+    return FlagError(f"invalid value {go_quote(text)} for flag {_shown('-' + name)}: {reason}", name)
