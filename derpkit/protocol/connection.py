@@ -298,7 +298,7 @@ class ClientConnection:
             self.state = ClientState.READ_ERROR_BODY
             self._head = bytearray(rest)
             cl = resp.header("Content-Length")
-            self._body_want = int(cl) if cl.isdigit() else 0
+            self._body_want = int(cl) if cl.isascii() and cl.isdigit() else 0  # "²".isdigit() is True
             if len(self._head) >= min(self._body_want, _MAX_ERROR_BODY):
                 self._refused(events)
             return b""

@@ -171,7 +171,7 @@ def resolve_port(port: str) -> int:
         return n
     try:
         return socket.getservbyname(port, "tcp")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name (found by atheris)
         if port in _WELL_KNOWN_PORTS:
             return _WELL_KNOWN_PORTS[port]
         raise GoValueError(f"unknown port {go_quote(port)}") from None
