@@ -28,8 +28,10 @@ from derpkit.server.config.parse import parse_config
 from derpkit.server.frontdoor import request
 from derpkit.stun import codec
 
-SERVER = NodePrivate.generate()
-CLIENT = NodePrivate.generate()
+#: Fixed keys, so a seed corpus (tests/fuzz/make_corpus.py) can hold boxes that open. CLIENT is
+#: client_a of tests/vectors/go_derper.json: the ServerInfo Go derper sealed to it opens here.
+SERVER = NodePrivate(bytes.fromhex("d0" * 31 + "50"))
+CLIENT = NodePrivate.parse("privkey:" + "a0" * 31 + "60")
 POLICY = ServerPolicy(SERVER, rng=random.Random(1))
 
 
@@ -248,6 +250,26 @@ def check_settings(argv: list[str], environ: dict[str, str]) -> None:
     assert cfg is not None
 
 
+def settings_from_bytes(data: bytes) -> tuple[list[str], dict[str, str]]:
+    """argv NUL-separated, then after a blank line the environment as NAME=VALUE lines.
+
+    How a raw-bytes fuzzer (atheris) drives ``check_settings``; make_corpus.py writes seeds
+    in this layout.
+    """
+    argv_part, _, env_part = data.partition(b"\n\n")
+    argv = [a.decode("utf-8", "replace") for a in argv_part.split(b"\0")] if argv_part else []
+    environ: dict[str, str] = {}
+    for line in env_part.split(b"\n"):
+        name, eq, value = line.partition(b"=")
+        if eq:
+            environ[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return argv, environ
+
+
+def check_settings_bytes(data: bytes) -> None:
+    check_settings(*settings_from_bytes(data))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "frame_reader": check_frame_reader,
     "server_connection": check_server_connection,
@@ -258,4 +280,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "stun": check_stun,
     "request_head": check_request_head_or_aiohttp_refuses,
     "derp_map": check_derp_map,
+    "settings": check_settings_bytes,
 }

@@ -11,6 +11,9 @@ from derpkit.protocol import handshake, upgrade
 from derpkit.protocol.connection import ClientConnection
 from derpkit.protocol.errors import ProtocolError
 from derpkit.protocol.events import ConnectionFailed
+from derpkit.protocol.keys import NodePublic
+from derpkit.server.config.errors import ConfigError
+from derpkit.server.config.parse import parse_config
 
 from . import targets as T
 
@@ -35,3 +38,53 @@ def test_non_ascii_digit_status_is_a_protocol_error(head: bytes) -> None:
     conn.start(0.0)
     events = conn.receive_data(head + b"\r\n\r\n", 0.1)
     assert isinstance(events[-1], ConnectionFailed)
+
+
+def test_zero_server_key_is_a_clean_failure() -> None:
+    """atheris, client_connection: a ServerKey frame carrying the all-zero (low-order) key made
+    libsodium refuse to seal ClientInfo, and nacl's RuntimeError escaped
+    ClientConnection.receive_data: a hostile server crashed the client core."""
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+    server_key = b"\x01\x00\x00\x00(DERP\xf0\x9f\x94\x91" + bytes(32)
+    conn = ClientConnection(T.CLIENT)
+    conn.start(0.0)
+    events = conn.receive_data(head + server_key, 0.1)
+    assert isinstance(events[-1], ConnectionFailed) and events[-1].error.args[0].startswith("bad_key")
+    with pytest.raises(ProtocolError):
+        handshake.seal(T.CLIENT, NodePublic(bytes(32)), b"{}")
+    T.check_client_connection(head + server_key)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-a=:443", "-accept-connecrp.example.com\nDER\ufffd"],  # the input atheris found
+    ["-x\ny"], ["-a\nb=1"], ["-verify-clients=\n"], ["-\n"], ["--a\rb"],
+])
+def test_control_characters_in_a_flag_stay_on_one_line(argv: list[str]) -> None:
+    """atheris, settings: an unknown flag whose name held a newline was echoed raw, so the
+    start-up error took two lines. Non-printable names are Go-quoted now; printable ones
+    keep Go's exact text (tests/server/test_config.py)."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv, {}, path_exists=lambda p: False)
+    assert "\n" not in str(e.value) and "\r" not in str(e.value), str(e.value)
+    T.check_settings(argv, {})
+
+
+def test_non_ascii_digit_content_length_on_a_refused_upgrade() -> None:
+    """atheris, client_connection: an upgrade refused with ``Content-Length: ²`` passed
+    str.isdigit() and int() raised ValueError out of ClientConnection.receive_data (the
+    same trap as the status line above, one header further)."""
+    conn = ClientConnection(T.CLIENT)
+    conn.start(0.0)
+    events = conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", 0.1)
+    assert isinstance(events[-1], ConnectionFailed)
+    T.check_client_connection(b"HTTP/1.1 200 OK\r\nAccess-CUpgrade: DERP\r\nContent-Length: \xb2\r\n\r\n")
+
+
+@pytest.mark.parametrize("environ", [{"DERP_ADDR": ":4-a\x00143"}, {"DERP_ADDR": ":\x00"}])
+def test_nul_in_a_port_name_is_a_config_error(environ: dict[str, str]) -> None:
+    """atheris, settings: ``DERP_ADDR=:4-a<NUL>143`` reached socket.getservbyname, whose
+    ValueError ("embedded null character") escaped parse_config instead of a ConfigError."""
+    with pytest.raises(ConfigError):
+        parse_config([], environ, path_exists=lambda p: False)
+    T.check_settings([], environ)
+    T.check_settings_bytes(b"\n\nDERP_ADDR=:4-a\x00143\nDE27.RP")
