@@ -7,11 +7,20 @@
 //	derpgen flood     -url U -pairs N -size B -duration D [-rate PPS] [-src 127.0.1.1,...]
 //	derpgen handshake -url U -duration D -concurrency K
 //	derpgen idle      -url U -conns N -src 127.0.1.1,...   (prints "READY n", holds until stdin closes)
+//
+// Transports (every mode): plain HTTP (-url http://...), TLS (-url https://..., with
+// -tls-ca FILE or -insecure, -tls-name for the SNI and verification name; TLS 1.3 only,
+// and the fast start a Tailscale client does when the server's chain ends in a DERP
+// meta-certificate), and WebSocket (-websocket, subprotocol "derp", over either). The
+// WebSocket path uses the same libraries as derphttp's ts_debug_websockets client
+// (github.com/coder/websocket and tailscale.com/net/wsconn), one binary message per write.
 package main
 
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"flag"
@@ -19,6 +28,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"strings"
@@ -27,7 +37,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coder/websocket"
+	"go4.org/mem"
 	"tailscale.com/derp"
+	"tailscale.com/net/wsconn"
 	"tailscale.com/types/key"
 )
 
@@ -41,7 +54,16 @@ var (
 	flagConns = flag.Int("conns", 1000, "connections (idle)")
 	flagConc  = flag.Int("concurrency", 8, "parallel connect loops (handshake)")
 	flagDrain = flag.Duration("drain", 500*time.Millisecond, "wait for in-flight packets after sending stops")
+	flagCA    = flag.String("tls-ca", "", "PEM file of the CA that signed the server's certificate (https URLs)")
+	flagInsec = flag.Bool("insecure", false, "do not verify the server's certificate (https URLs)")
+	flagName  = flag.String("tls-name", "", "TLS server name (SNI and verification); default the URL's host")
+	flagWS    = flag.Bool("websocket", false, "DERP over WebSocket (subprotocol derp) instead of the DERP upgrade")
+	flagFast  = flag.Bool("fast-start", true, "over TLS 1.3, skip the 101 when the server sent a meta-certificate, as Tailscale clients do")
 )
+
+// tlsConf is nil for http URLs.
+var tlsConf *tls.Config
+var tlsVersion atomic.Uint32
 
 var srcs []net.IP
 var srcNext atomic.Uint64
@@ -51,49 +73,132 @@ func die(format string, a ...any) {
 	os.Exit(1)
 }
 
-// dial opens TCP, does the HTTP upgrade by hand and runs the derp client handshake.
-func dial(u *url.URL, priv key.NodePrivate) (*derp.Client, net.Conn, error) {
+// dialTCP opens TCP from the next -src address.
+func dialTCP(ctx context.Context, addr string) (net.Conn, error) {
 	d := net.Dialer{Timeout: 10 * time.Second}
 	if len(srcs) > 0 {
 		ip := srcs[srcNext.Add(1)%uint64(len(srcs))]
 		d.LocalAddr = &net.TCPAddr{IP: ip}
 	}
-	nc, err := d.Dial("tcp", u.Host)
+	return d.DialContext(ctx, "tcp", addr)
+}
+
+// metaKey returns the DERP key in a TLS 1.3 chain's meta-certificate (CN "derpkey" + 64 hex,
+// serial = protocol version 1..255), or the zero key.
+func metaKey(cs tls.ConnectionState) key.NodePublic {
+	if cs.Version < tls.VersionTLS13 {
+		return key.NodePublic{}
+	}
+	for _, c := range cs.PeerCertificates {
+		hex, ok := strings.CutPrefix(c.Subject.CommonName, "derpkey")
+		if !ok || c.SerialNumber == nil || c.SerialNumber.Sign() <= 0 || c.SerialNumber.BitLen() > 8 {
+			continue
+		}
+		if k, err := key.ParseNodePublicUntyped(mem.S(hex)); err == nil {
+			return k
+		}
+	}
+	return key.NodePublic{}
+}
+
+// upgrade opens a connection and brings it to the point where derp.NewClient can start:
+// the byte stream, its buffers, and the server key when fast start already learnt it.
+func upgrade(u *url.URL) (net.Conn, *bufio.ReadWriter, key.NodePublic, error) {
+	var zero key.NodePublic
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if *flagWS {
+		hc := &http.Client{Transport: &http.Transport{
+			DialContext:     func(ctx context.Context, _, addr string) (net.Conn, error) { return dialTCP(ctx, addr) },
+			TLSClientConfig: tlsConf,
+		}}
+		wsu := *u
+		c, res, err := websocket.Dial(ctx, wsu.String(), &websocket.DialOptions{
+			HTTPClient: hc, Subprotocols: []string{"derp"},
+		})
+		if err != nil {
+			return nil, nil, zero, err
+		}
+		if res != nil && res.TLS != nil {
+			tlsVersion.Store(uint32(res.TLS.Version))
+		}
+		if c.Subprotocol() != "derp" {
+			c.CloseNow()
+			return nil, nil, zero, fmt.Errorf("server chose subprotocol %q", c.Subprotocol())
+		}
+		nc := wsconn.NetConn(context.Background(), c, websocket.MessageBinary, u.Host)
+		return nc, bufio.NewReadWriter(bufio.NewReaderSize(nc, 64<<10), bufio.NewWriterSize(nc, 64<<10)), zero, nil
+	}
+	nc, err := dialTCP(ctx, u.Host)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, zero, err
+	}
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	var serverKey key.NodePublic
+	if tlsConf != nil {
+		tc := tls.Client(nc, tlsConf)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			nc.Close()
+			return nil, nil, zero, err
+		}
+		cs := tc.ConnectionState()
+		tlsVersion.Store(uint32(cs.Version))
+		if *flagFast {
+			serverKey = metaKey(cs)
+		}
+		nc = tc
 	}
 	path := u.Path
 	if path == "" || path == "/" {
 		path = "/derp"
 	}
-	nc.SetDeadline(time.Now().Add(10 * time.Second))
-	req := "GET " + path + " HTTP/1.1\r\nHost: " + u.Host + "\r\nUser-Agent: derpgen\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
-	if _, err := io.WriteString(nc, req); err != nil {
-		nc.Close()
-		return nil, nil, err
+	req := "GET " + path + " HTTP/1.1\r\nHost: " + u.Host + "\r\nUser-Agent: derpgen\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
+	if !serverKey.IsZero() {
+		req += derp.FastStartHeader + ": 1\r\n"
 	}
+	req += "\r\n"
 	br := bufio.NewReaderSize(nc, 64<<10)
 	bw := bufio.NewWriterSize(nc, 64<<10)
+	if !serverKey.IsZero() {
+		// Fast start: the request goes out with ClientInfo in derp.NewClient's flush.
+		bw.WriteString(req)
+		return nc, bufio.NewReadWriter(br, bw), serverKey, nil
+	}
+	if _, err := io.WriteString(nc, req); err != nil {
+		nc.Close()
+		return nil, nil, zero, err
+	}
 	for first := true; ; first = false {
 		line, err := br.ReadString('\n')
 		if err != nil {
 			nc.Close()
-			return nil, nil, err
+			return nil, nil, zero, err
 		}
 		if first && !strings.Contains(line, " 101 ") {
 			nc.Close()
-			return nil, nil, fmt.Errorf("upgrade refused: %q", strings.TrimSpace(line))
+			return nil, nil, zero, fmt.Errorf("upgrade refused: %q", strings.TrimSpace(line))
 		}
 		if line == "\r\n" {
 			break
 		}
 	}
-	c, err := derp.NewClient(priv, nc, bufio.NewReadWriter(br, bw), func(string, ...any) {}, derp.CanAckPings(true))
+	return nc, bufio.NewReadWriter(br, bw), zero, nil
+}
+
+// dial connects, upgrades and runs the derp client handshake up to ServerInfo.
+func dial(u *url.URL, priv key.NodePrivate) (*derp.Client, net.Conn, error) {
+	nc, brw, serverKey, err := upgrade(u)
+	if err != nil {
+		return nil, nil, err
+	}
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	c, err := derp.NewClient(priv, nc, brw, func(string, ...any) {}, derp.CanAckPings(true), derp.ServerPublicKey(serverKey))
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
 	}
-	// Wait for ServerInfo: the server has admitted and registered us.
+	// Wait for ServerInfo: the server has admitted and registered us. (Under fast start the
+	// ServerKey frame arrives here first; Recv skips it.)
 	for {
 		m, err := c.Recv()
 		if err != nil {
@@ -328,8 +433,31 @@ func main() {
 	mode := os.Args[1]
 	flag.CommandLine.Parse(os.Args[2:])
 	u, err := url.Parse(*flagURL)
-	if err != nil || u.Host == "" || u.Scheme != "http" {
-		die("-url must be http://host:port/derp (plain HTTP on loopback), got %q", *flagURL)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		die("-url must be http://host:port/derp or https://host:port/derp, got %q", *flagURL)
+	}
+	if u.Scheme == "https" {
+		tlsConf = &tls.Config{MinVersion: tls.VersionTLS13, ServerName: u.Hostname(),
+			InsecureSkipVerify: *flagInsec, NextProtos: []string{"http/1.1"}}
+		if *flagName != "" {
+			tlsConf.ServerName = *flagName
+		}
+		if *flagCA != "" {
+			pem, err := os.ReadFile(*flagCA)
+			if err != nil {
+				die("-tls-ca: %v", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				die("-tls-ca %s: no PEM certificate in it", *flagCA)
+			}
+			tlsConf.RootCAs = pool
+		}
+		if tlsConf.RootCAs == nil && !*flagInsec {
+			die("an https -url needs -tls-ca FILE or -insecure")
+		}
+	} else if *flagCA != "" || *flagInsec || *flagName != "" {
+		die("-tls-ca, -insecure and -tls-name need an https -url")
 	}
 	for _, s := range strings.Split(*flagSrc, ",") {
 		if s = strings.TrimSpace(s); s != "" {
@@ -351,5 +479,20 @@ func main() {
 	default:
 		die("unknown mode %q", mode)
 	}
+	out["transport"] = transportName()
+	if v := tlsVersion.Load(); v != 0 {
+		out["tls_version"] = tls.VersionName(uint16(v))
+	}
 	json.NewEncoder(os.Stdout).Encode(out)
+}
+
+func transportName() string {
+	t := "http"
+	if tlsConf != nil {
+		t = "tls"
+	}
+	if *flagWS {
+		t += "+ws"
+	}
+	return t
 }
