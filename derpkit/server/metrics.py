@@ -79,6 +79,8 @@ class Stats:
         self.dropped_bytes: dict[tuple[str, str], int] = dict.fromkeys(self.dropped_packets, 0)
         # Connections closed for breaking the protocol or failing the handshake, by reason.
         self.conn_errors: collections.Counter[str] = collections.Counter()
+        # Request heads the front door refused, by frontdoor/request.py's reason (rendered there).
+        self.http_heads_refused: collections.Counter[str] = collections.Counter()
         self.start_time = time.time()
 
     def drop(self, reason: str, disco: bool, nbytes: int) -> None:

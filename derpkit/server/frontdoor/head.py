@@ -137,6 +137,7 @@ class FrontDoor(asyncio.Protocol):
     def _refuse(self, e: request.Refused) -> None:
         """A head no two parsers would read alike: Go's answer, then hang up, reading nothing more."""
         log.debug("front door: refused a request head: %s", e.why)
+        self.server.stats.http_heads_refused[e.reason] += 1
         self.buf = b""
         t = self.transport
         t.write(e.response)
@@ -191,6 +192,7 @@ class FrontDoor(asyncio.Protocol):
         length = str(req.content_length)
         if not acemod.request_uri_ok(uri):
             # Go's server rejects these before any handler, and hangs up.
+            self.server.stats.http_heads_refused["bad_request_target"] += 1
             t.write(acemod.GO_BAD_REQUEST)
             t.close()
             return False

@@ -32,6 +32,7 @@ from derpkit.server.relay.derp import DerpServer
 from derpkit.server.relay.websocket import handle_websocket
 
 from . import ace as acemod
+from . import request
 
 BROWSER_HEADERS = {
     "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
@@ -300,6 +301,7 @@ def build_app(server: DerpServer, opts: HttpOptions) -> web.Application:
         yield from metrics.derp_families(server, rss0)
         yield from metrics.process_families(started)
         yield from ace.families()
+        yield from request.families(server.stats.http_heads_refused)
         for src in opts.metrics_sources:
             yield from src()
 

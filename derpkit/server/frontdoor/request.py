@@ -27,9 +27,11 @@ Refusals raise ``Refused`` carrying the whole response; the caller writes it and
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from derpkit.protocol.upgrade import MAX_HEAD
+from derpkit.server import metrics
 
 #: aiohttp's max_line_size and max_field_size (it answers 400 past them).
 MAX_LINE = 8190
@@ -64,14 +66,38 @@ TOO_LARGE = go_refusal("431 Request Header Fields Too Large")
 UNSUPPORTED_TE = b"HTTP/1.1 501 Not Implemented" + _ERROR_HEADERS.encode() + b"Unsupported transfer encoding"
 
 
+#: Every ``Refused.reason``, each a label of ``derpkit_http_heads_refused`` from start-up
+#: (docs/operations.md lists them with their status). ``bad_request_target`` is the front
+#: door's own (head.py: a CONNECT target Go's server refuses before any handler).
+REASONS = (
+    "nul_byte", "bare_lf", "bare_cr", "control_byte", "head_too_large", "line_too_long", "too_many_fields",
+    "bad_request_line", "bad_method", "bad_version", "unsupported_version", "bad_request_target",
+    "obs_fold", "bad_field_line", "bad_field_name", "duplicate_host", "missing_host", "bad_host",
+    "unsupported_transfer_encoding", "transfer_encoding_with_content_length", "transfer_encoding_on_http10",
+    "duplicate_content_length", "bad_content_length",
+)
+
+
 class Refused(Exception):
     """The head cannot be read safely: write ``response``, close, read nothing more."""
 
-    def __init__(self, response: bytes, why: str) -> None:
+    def __init__(self, response: bytes, why: str, reason: str) -> None:
         super().__init__(why)
         self.response = response
         #: A short reason for logs and tests (never sent).
         self.why = why
+        #: The metric label (one of ``REASONS``): stable, no input in it.
+        self.reason = reason
+
+
+def families(counts: Mapping[str, int]) -> Iterator[metrics.Family]:
+    """``derpkit_http_heads_refused{reason}``: every reason, zero until it happens, so a
+    dashboard's rate() sees the first refusal."""
+    fam = metrics.Family("derpkit_http_heads_refused", "counter",
+                         "request heads the front door refused (answered 400/431/501/505 and closed), by reason")
+    for reason in REASONS:
+        fam.add(counts.get(reason, 0), reason=reason)
+    yield fam
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +149,11 @@ class RequestHead:
 def _check_partial(region: bytes) -> None:
     """Refuse as soon as the bytes seen so far cannot start a valid head."""
     if b"\x00" in region:
-        raise Refused(BAD_REQUEST, "NUL byte in the head")
+        raise Refused(BAD_REQUEST, "NUL byte in the head", "nul_byte")
     if region.count(b"\n") != region.count(b"\r\n"):
-        raise Refused(BAD_REQUEST, "bare LF in the head")
+        raise Refused(BAD_REQUEST, "bare LF in the head", "bare_lf")
     if region.count(b"\r") != region.count(b"\r\n"):
-        raise Refused(BAD_REQUEST, "bare CR in the head")
+        raise Refused(BAD_REQUEST, "bare CR in the head", "bare_cr")
 
 
 def parse(buf: bytes) -> RequestHead | None:
@@ -142,22 +168,22 @@ def parse(buf: bytes) -> RequestHead | None:
         region = buf[:-1] if buf.endswith(b"\r") else buf
         _check_partial(region)
         if len(buf) > MAX_HEAD:
-            raise Refused(TOO_LARGE, f"{len(buf)} bytes without a blank line")
+            raise Refused(TOO_LARGE, f"{len(buf)} bytes without a blank line", "head_too_large")
         first_end = buf.find(b"\r\n")
         if (first_end < 0 and len(region) > MAX_LINE) or first_end > MAX_LINE:
-            raise Refused(TOO_LARGE, "request line too long")
+            raise Refused(TOO_LARGE, "request line too long", "line_too_long")
         return None
     head = buf[:end]
     _check_partial(head)
     if _CTL.search(head):
-        raise Refused(BAD_REQUEST, "control byte in the head")
+        raise Refused(BAD_REQUEST, "control byte in the head", "control_byte")
     if end + 4 > MAX_HEAD:
-        raise Refused(TOO_LARGE, f"head of {end + 4} bytes")
+        raise Refused(TOO_LARGE, f"head of {end + 4} bytes", "head_too_large")
     lines = head.split(b"\r\n")
     if len(lines) - 1 > MAX_HEADERS:
-        raise Refused(TOO_LARGE, f"{len(lines) - 1} header fields")
+        raise Refused(TOO_LARGE, f"{len(lines) - 1} header fields", "too_many_fields")
     if any(len(line) > MAX_LINE for line in lines):
-        raise Refused(TOO_LARGE, "line too long")
+        raise Refused(TOO_LARGE, "line too long", "line_too_long")
     method, target, http10 = _request_line(lines[0])
     fields: list[tuple[str, str]] = []
     lengths: list[bytes] = []
@@ -174,11 +200,11 @@ def parse(buf: bytes) -> RequestHead | None:
             hosts.append(value)
         fields.append((name.decode("latin-1"), value.decode("latin-1")))
     if len(hosts) > 1:
-        raise Refused(BAD_REQUEST, "more than one Host")
+        raise Refused(BAD_REQUEST, "more than one Host", "duplicate_host")
     if not hosts and not http10 and method != b"CONNECT":
-        raise Refused(go_refusal("400 Bad Request", detail="missing required Host header"), "no Host")
+        raise Refused(go_refusal("400 Bad Request", detail="missing required Host header"), "no Host", "missing_host")
     if hosts and not _HOST.fullmatch(hosts[0]):
-        raise Refused(go_refusal("400 Bad Request", detail="malformed Host header"), "bad Host")
+        raise Refused(go_refusal("400 Bad Request", detail="malformed Host header"), "bad Host", "bad_host")
     length, chunked = _framing(lengths, encodings, http10)
     return RequestHead(method, target, http10, tuple(fields), length, chunked, end + 4)
 
@@ -188,17 +214,17 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bool]:
     method, sp1, rest = line.partition(b" ")
     target, sp2, version = rest.partition(b" ")
     if not sp1 or not sp2 or not method or not target:
-        raise Refused(BAD_REQUEST, "malformed request line")
+        raise Refused(BAD_REQUEST, "malformed request line", "bad_request_line")
     if not _TOKEN.fullmatch(method):
-        raise Refused(BAD_REQUEST, "invalid method")
+        raise Refused(BAD_REQUEST, "invalid method", "bad_method")
     if b"\t" in target:
-        raise Refused(BAD_REQUEST, "control byte in the request target")
+        raise Refused(BAD_REQUEST, "control byte in the request target", "control_byte")
     if len(version) != 8 or not version.startswith(b"HTTP/") or version[6:7] != b"." \
             or not version[5:6].isdigit() or not version[7:8].isdigit():
-        raise Refused(BAD_REQUEST, "malformed HTTP version")
+        raise Refused(BAD_REQUEST, "malformed HTTP version", "bad_version")
     if version[5:6] != b"1":
         raise Refused(go_refusal("505 HTTP Version Not Supported", detail="unsupported protocol version"),
-                      "not HTTP/1")
+                      "not HTTP/1", "unsupported_version")
     return method, target, version[7:8] == b"0"
 
 
@@ -208,34 +234,34 @@ def _field(line: bytes) -> tuple[bytes, bytes]:
         return m.group(1), m.group(2)
     # The slow path only finds which refusal it is (the head's control bytes are refused already).
     if line[:1] in (b" ", b"\t"):
-        raise Refused(BAD_REQUEST, "obs-fold (a line starting with whitespace)")
+        raise Refused(BAD_REQUEST, "obs-fold (a line starting with whitespace)", "obs_fold")
     name, colon, value = line.partition(b":")
     if not colon or not name:
-        raise Refused(BAD_REQUEST, "malformed header line")
+        raise Refused(BAD_REQUEST, "malformed header line", "bad_field_line")
     if not all(c in _TCHAR for c in name):
         if all(c in _TCHAR or c in b" \t" for c in name):
             # Go's textproto lets spaces in a name through; its server then refuses it.
-            raise Refused(go_refusal("400 Bad Request", detail="invalid header name"), "space in a header name")
-        raise Refused(BAD_REQUEST, "invalid header name")
-    raise Refused(BAD_REQUEST, "malformed header line")
+            raise Refused(go_refusal("400 Bad Request", detail="invalid header name"), "space in a header name", "bad_field_name")
+        raise Refused(BAD_REQUEST, "invalid header name", "bad_field_name")
+    raise Refused(BAD_REQUEST, "malformed header line", "bad_field_line")
 
 
 def _framing(lengths: list[bytes], encodings: list[bytes], http10: bool) -> tuple[int, bool]:
     """(Content-Length, chunked) from the framing fields, refusing every ambiguity."""
     if encodings:
         if len(encodings) > 1 or encodings[0].lower() != b"chunked":
-            raise Refused(UNSUPPORTED_TE, "unsupported Transfer-Encoding")
+            raise Refused(UNSUPPORTED_TE, "unsupported Transfer-Encoding", "unsupported_transfer_encoding")
         if lengths:
-            raise Refused(BAD_REQUEST, "Transfer-Encoding with Content-Length")
+            raise Refused(BAD_REQUEST, "Transfer-Encoding with Content-Length", "transfer_encoding_with_content_length")
         if http10:
-            raise Refused(BAD_REQUEST, "Transfer-Encoding on HTTP/1.0")
+            raise Refused(BAD_REQUEST, "Transfer-Encoding on HTTP/1.0", "transfer_encoding_on_http10")
         return 0, True
     if not lengths:
         return 0, False
     if len(lengths) > 1:
-        raise Refused(BAD_REQUEST, "Content-Length given more than once")
+        raise Refused(BAD_REQUEST, "Content-Length given more than once", "duplicate_content_length")
     value = lengths[0]
     # Go's parseContentLength: ASCII digits only, no sign, fits an int64.
     if not value or not value.isdigit() or int(value) >= 1 << 63:
-        raise Refused(BAD_REQUEST, "bad Content-Length")
+        raise Refused(BAD_REQUEST, "bad Content-Length", "bad_content_length")
     return int(value), False
