@@ -266,12 +266,12 @@ def parse_duration(s: str) -> int:
         s = s[i:]
         if not unit_name:
             raise GoValueError(
-                f'missing unit in duration "{orig}" (use ns, us, ms, s, m or h; only 0 may omit it)'
+                f"missing unit in duration {go_quote(orig)} (use ns, us, ms, s, m or h; only 0 may omit it)"
             )
         unit = _UNITS.get(unit_name)
         if unit is None:
             raise GoValueError(
-                f'unknown unit "{unit_name}" in duration (use ns, us, ms, s, m or h)'
+                f"unknown unit {go_quote(unit_name)} in duration (use ns, us, ms, s, m or h)"
             )
         whole = int(whole_digits) if whole_digits else 0
         if whole > (1 << 63) // unit:
@@ -360,7 +360,8 @@ def split_host_port(hostport: str) -> tuple[str, str]:
     """
 
     def fail(why: str) -> GoValueError:
-        return GoValueError(f"address {hostport}: {why}" if hostport else why)
+        # Go's text; a non-printable address Go-quoted, so the error stays one line (atheris).
+        return GoValueError(f"address {_shown(hostport)}: {why}" if hostport else why)
 
     i = hostport.rfind(":")
     if i < 0:
