@@ -58,6 +58,9 @@ def test_zero_server_key_is_a_clean_failure() -> None:
 @pytest.mark.parametrize("argv", [
     ["-a=:443", "-accept-connecrp.example.com\nDER\ufffd"],  # the input atheris found
     ["-x\ny"], ["-a\nb=1"], ["-verify-clients=\n"], ["-\n"], ["--a\rb"],
+    ["-a", "\xcf\xcd\nDERP"],  # atheris: "address ...: missing port in address" echoed the newline
+    ["-tcp-keepalive-time=.1m0>\n>>"],  # atheris: "unknown unit" in a duration echoed it too
+    ["-tcp-keepalive-time=1\n"],
 ])
 def test_control_characters_in_a_flag_stay_on_one_line(argv: list[str]) -> None:
     """atheris, settings: an unknown flag whose name held a newline was echoed raw, so the
