@@ -116,7 +116,8 @@ def merge(rs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(rs) == 1:
         return rs[0]
     out = dict(rs[0])
-    for k in ("sent", "received", "received_bytes", "ok", "failed", "cpu_seconds", "conns"):
+    for k in ("sent", "received", "received_bytes", "ok", "failed", "cpu_seconds", "conns",
+              "fast_starts"):
         if k in out:
             out[k] = sum(r[k] for r in rs)
     for k in ("seconds", "wall_seconds"):
@@ -236,7 +237,8 @@ def handshakes(srv: Server, gen: Generator, cfg: argparse.Namespace, res: Result
     cpu, wall = cpu_of(srv.pid) - c0, time.monotonic() - t0
     res.figures["hs"] = r["per_second"]
     res.notes["hs"] = ((f"{r['failed']} failed; " if r["failed"] else "")
-                       + (f"{r['tls_version']}; " if r.get("tls_version") else "")
+                       + (f"{r['tls_version']}, {r.get('fast_starts', 0):,} fast starts; "
+                          if r.get("tls_version") else "")
                        + gen_note(r, gen, cpu / wall))
 
 
@@ -404,7 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 round, 2 pairs, 0.5 s steps, 1200 B only, 100 idle")
+                    help="smoke run: 1 round, 2 pairs, 0.5 s steps, 2 sweep steps, one "
+                    "equal rate, 2 search steps, 100 idle")
     ap.add_argument("--servers", default="derpkit,go,go2",
                     help="comma list of server kinds: derpkit, go (Go derper on the server CPU), "
                     "go2 (Go derper unpinned, sharing every CPU with the generator), derpkit-w2 "
@@ -419,7 +422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--figures", default=",".join(ALL_FIGURES),
                     help="which figures: " + ",".join(ALL_FIGURES) + " (default all)")
     ap.add_argument("--sizes", default=None,
-                    help="packet payload sizes for sweep and flood (default 1200,100; --quick 1200); "
+                    help="packet payload sizes for sweep and flood (default 1200,100); "
                     "latency figures use 1200 when listed, else the first")
     ap.add_argument("--rates", default="",
                     help="absolute offered rates (packets/s, comma list) for the equal-rate "
@@ -482,7 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cfg.start_rate = cfg.start_rate or 20000.0
     cfg.steps = cfg.steps or (2 if cfg.quick else 8)
     cfg.bound_steps = cfg.bound_steps if cfg.bound_steps is not None else (2 if cfg.quick else 6)
-    cfg.size_list = [int(v) for v in floats("--sizes", cfg.sizes or ("1200" if cfg.quick else "1200,100"))]
+    cfg.size_list = [int(v) for v in floats("--sizes", cfg.sizes or "1200,100")]
     if not cfg.size_list:
         bad("--sizes", "no size given")
     cfg.lat_size = 1200 if 1200 in cfg.size_list else cfg.size_list[0]
@@ -528,9 +531,9 @@ def _rows(cfg: argparse.Namespace, rates: list[Rate]) -> list[Row]:
     if "latency" in fs:
         for i, r in enumerate(rates):
             at = f"at {r.pps:,.0f} pkt/s ({r.label}), {cfg.lat_size} B"
-            rows += [Row(f"lat{i}_p50", f"one-way p50 ms {at}", "{:.3f}"),
-                     Row(f"lat{i}_p99", f"one-way p99 ms {at}", "{:.3f}", f"lat{i}_p99"),
-                     Row(f"lat{i}_p999", f"one-way p99.9 ms {at}", "{:.3f}"),
+            rows += [Row(f"lat{i}_p50", f"one-way latency p50 ms {at}", "{:.3f}"),
+                     Row(f"lat{i}_p99", f"one-way latency p99 ms {at}", "{:.3f}", f"lat{i}_p99"),
+                     Row(f"lat{i}_p999", f"one-way latency p99.9 ms {at}", "{:.3f}"),
                      Row(f"lat{i}_loss", f"loss % {at}", "{:.3f}")]
     if "bounded" in fs:
         rows.append(Row(f"bounded{cfg.lat_size}",
@@ -593,12 +596,15 @@ class Run:
                     self._safely(c, "load", lambda c=c, res=results[c.label]: self._load(
                         c, env, targs, res))
             if rnd == 0 and not cfg.rate_list:
-                ref = results.get(self.reference or "")
+                # Shares of Go derper's peak; without Go, of the first server's own.
+                ref_name = self.reference if self.reference in results else (
+                    cols[0].label if cols else "")
+                ref = results.get(ref_name)
                 peak = ref.figures.get(f"pps{cfg.lat_size}") if ref else None
-                rates = equal_rates(peak, cfg.share_list, [], self.reference or "Go derper")
+                rates = equal_rates(peak, cfg.share_list, [], ref_name)
                 if "latency" in cfg.figure_set and not rates:
-                    log(f"bench: [{t.name}] no equal-rate latency: it needs Go derper's peak "
-                        "(go or go2 in --servers, sweep in --figures) or --rates")
+                    log(f"bench: [{t.name}] no equal-rate latency: it needs a measured peak "
+                        "(sweep in --figures) or --rates")
                 elif rates:
                     log(f"[{t.name}] equal rates: "
                         + ", ".join(f"{r.pps:,.0f}/s ({r.label})" for r in rates))
@@ -660,7 +666,8 @@ class Run:
                 self.log(f"  p99 <= {cfg.p99_bound:g} ms search")
                 b: Bounded = bounded_search(run, known, cfg.p99_bound, start=start,
                                             max_steps=cfg.bound_steps, seconds=cfg.bound_seconds)
-                res.figures[f"bounded{size}"] = b.rate
+                # None passed: 0 carried within the bound (the note says down to what rate).
+                res.figures[f"bounded{size}"] = b.rate or 0.0
                 res.notes[f"bounded{size}"] = b.note(cfg.p99_bound)
                 res.notes["bounded_trials"] = "; ".join(
                     f"{t.offered:.0f}:{'ok' if t.within(cfg.p99_bound) else t.why_not(cfg.p99_bound)}"

@@ -209,7 +209,14 @@ class DerpkitServer(Server):
         while True:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError("derpkit serve exited:\n" + b"".join(self.log).decode(errors="replace"))
+                lines = self.tail(2000).strip().splitlines()
+                self.stop()
+                # A bad flag prints its error first, then the usage; anything else ends
+                # with the message.
+                why = (lines[0] if any("Usage" in x for x in lines) else lines[-1]) if lines else ""
+                raise RuntimeError("derpkit serve exited before listening"
+                                   + (f": {why.strip()}" if why else " (no output)")
+                                   + ("\n" + "\n".join(lines) if len(lines) > 1 else ""))
             self.log.append(line)
             if m := _PORT_RE.search(line):
                 self.port = int(m.group(1))

@@ -64,6 +64,7 @@ var (
 // tlsConf is nil for http URLs.
 var tlsConf *tls.Config
 var tlsVersion atomic.Uint32
+var fastStarts atomic.Int64 // connections that skipped the 101 (meta-certificate seen)
 
 var srcs []net.IP
 var srcNext atomic.Uint64
@@ -161,6 +162,7 @@ func upgrade(u *url.URL) (net.Conn, *bufio.ReadWriter, key.NodePublic, error) {
 	bw := bufio.NewWriterSize(nc, 64<<10)
 	if !serverKey.IsZero() {
 		// Fast start: the request goes out with ClientInfo in derp.NewClient's flush.
+		fastStarts.Add(1)
 		bw.WriteString(req)
 		return nc, bufio.NewReadWriter(br, bw), serverKey, nil
 	}
@@ -482,6 +484,7 @@ func main() {
 	out["transport"] = transportName()
 	if v := tlsVersion.Load(); v != 0 {
 		out["tls_version"] = tls.VersionName(uint16(v))
+		out["fast_starts"] = fastStarts.Load()
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
 }
