@@ -5,9 +5,12 @@
 
 The target names are ``tests.fuzz.targets.TARGETS``; everything after the name goes to
 libFuzzer. derpkit's modules are instrumented for coverage. A crash is written by
-libFuzzer as ``crash-<sha1>``: turn its bytes into a case in test_regressions.py. Not run
-in CI (the hypothesis properties in test_fuzz_parsers.py are); docs/reliability.md has
-the runs made so far. ``pip install atheris`` builds on this machine (Python 3.11 wheel).
+libFuzzer as ``crash-<sha1>``: turn its bytes into a case in test_regressions.py. Seeds
+for each target are in ``tests/fuzz/corpus/<target>/`` (make_corpus.py writes them); give
+a scratch directory first so new inputs do not land in the committed corpus:
+``python -m tests.fuzz.atheris_run stun -max_total_time=120 /tmp/new tests/fuzz/corpus/stun``.
+CI runs every target for 30 s from its corpus (test_atheris.py); docs/reliability.md has
+the longer runs. atheris is in the test extra (a Python 3.11 wheel here).
 """
 
 from __future__ import annotations
