@@ -38,6 +38,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--per-region", type=int, default=None, help="probe: nodes per region (default 4)")
     ap.add_argument("--fleet-procs", type=int, default=None,
                     help="probe: processes hosting the nodes (default 5)")
+    ap.add_argument("--probe-trust", default=None,
+                    help="probe: trust stores, comma list of system (system roots + test CA), ca "
+                    "(test CA only); default both (--quick: ca)")
     ap.add_argument("--pairs", type=int, default=None, help="locust: PacketPair users = derpgen pairs (default 8)")
     ap.add_argument("--size", type=int, default=1200, help="locust: packet payload bytes (default 1200)")
     ap.add_argument("--warmup", type=float, default=None, help="locust: seconds before the window (default 2)")
@@ -51,6 +54,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         ap.error(f"--parts: unknown part {bad[0]!r} (choose from {', '.join(PARTS)})")
     q = a.quick
+    a.probe_trust = tuple(t.strip() for t in (a.probe_trust or ("ca" if q else "system,ca")).split(",")
+                          if t.strip())
+    if not a.probe_trust or any(t not in probe.TRUSTS for t in a.probe_trust):
+        ap.error(f"--probe-trust: choose from {', '.join(probe.TRUSTS)}")
     a.rounds = a.rounds or (1 if q else 3)
     a.cases = a.cases or ("http/1,ping/1,stun/1" if q else None)
     a.nodes = a.nodes or (8 if q else 100)
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          for k, v in c.counts.items()))
         if "probe" in a.parts:
             p = probe.measure(a.rounds, a.nodes, a.per_region, a.fleet_procs, server_cpus,
-                              tool_cpus, log)
+                              tool_cpus, log, a.probe_trust)
             rep.figures += p.figures
             rep.errors += p.errors
             rep.facts["probes_per_cycle"] = p.probes

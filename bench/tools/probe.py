@@ -13,7 +13,10 @@ throw-away CA for ``localhost`` that both probers trust through ``SSL_CERT_FILE`
 The probers run one after the other (alternating which goes first) pinned to the other CPU,
 with derpprobe's default classes: TLS, STUN (udp) and mesh every 15 s, bandwidth off; Go
 derpprobe with ``-spread=false`` (its ``-once`` otherwise waits up to one interval per probe
-on purpose; derpkit has no spread in ``-once``). Wall time is the whole process, start-up
+on purpose; derpkit has no spread in ``-once``). Each prober runs with two trust stores
+(``SSL_CERT_FILE``): the test CA alone, and the system's roots plus the test CA — what an
+operator's machine has, and it matters: Python's TLS loads the whole store into every new
+context. Wall time is the whole process, start-up
 included; CPU seconds (``wait4``) and peak RSS (``VmHWM``) are the prober process's own.
 """
 
@@ -146,61 +149,83 @@ def prober_argv(kind: str, map_url: str, cpus: str | None, derpprobe: str | None
     return [*pin_prefix(cpus), derpprobe, "-once", "-spread=false", "-derp-map", map_url]
 
 
+#: Trust stores the probers can be given: the test CA alone, or the system's roots plus the
+#: test CA (what an operator's machine has; Python builds a context from it per connection).
+TRUSTS = ("system", "ca")
+SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def trust_file(kind: str, ca: TestCA, workdir: Path) -> Path:
+    """The SSL_CERT_FILE for trust ``kind``: ``ca`` or ``system`` (the system bundle + ca)."""
+    if kind == "ca":
+        return ca.cert_path
+    if not SYSTEM_BUNDLE.is_file():
+        raise RuntimeError(f"--probe-trust system: {SYSTEM_BUNDLE} is missing")
+    path = workdir / "system-plus-ca.pem"
+    path.write_bytes(SYSTEM_BUNDLE.read_bytes() + b"\n" + ca.cert_path.read_bytes())
+    return path
+
+
 def measure(rounds: int, nodes: int, per_region: int, fleet_procs: int, server_cpus: str | None,
-            tool_cpus: str | None, log: Any) -> ProbeResult:
+            tool_cpus: str | None, log: Any, trusts: tuple[str, ...] = TRUSTS) -> ProbeResult:
     from tests.goderper import find_go_tool
     from tests.interop.helpers import probe_lines
 
     res = ProbeResult()
     derpprobe = find_go_tool("derpprobe")
-    kinds = ["derpkit probe"] + (["Go derpprobe"] if derpprobe else [])
+    probers = ["derpkit probe"] + (["Go derpprobe"] if derpprobe else [])
     if not derpprobe:
         res.errors.append("Go derpprobe not found: its column is missing")
+    variants = [(p, t) for t in trusts for p in probers]
     wd = Path(tempfile.mkdtemp(prefix="tools-probe-"))
     log(f"probe: starting {nodes} nodes in {fleet_procs} process(es)")
     t0 = time.monotonic()
     fleet = start_fleet(nodes, per_region, fleet_procs, server_cpus, wd)
     res.fleet = (f"{nodes} nodes ({fleet.regions} regions of {per_region}, meshed per region) in "
                  f"{len(fleet.procs)} process(es), up in {time.monotonic() - t0:.1f} s")
-    wall: dict[str, list[float]] = {k: [] for k in kinds}
-    cpu: dict[str, list[float]] = {k: [] for k in kinds}
-    rss: dict[str, list[float]] = {k: [] for k in kinds}
-    run_s: list[float] = []
-    env = trusting_env(fleet.ca)
+    wall: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    cpu: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    rss: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    run_s: dict[str, list[float]] = {t: [] for t in trusts}
+    envs = {t: trusting_env(fleet.ca) | {"SSL_CERT_FILE": str(trust_file(t, fleet.ca, wd))} for t in trusts}
     try:
         for i in range(rounds):
-            for kind in kinds if i % 2 == 0 else kinds[::-1]:
-                log(f"probe round {i + 1}/{rounds}: {kind}")
+            for kind, trust in variants if i % 2 == 0 else variants[::-1]:
+                log(f"probe round {i + 1}/{rounds}: {kind}, trust {trust}")
                 run = run_tool(prober_argv(kind, "file://" + str(fleet.map_path), tool_cpus, derpprobe),
-                               env=env, timeout=120)
+                               env=envs[trust], timeout=180)
                 good, bad = probe_lines(run.stderr + run.stdout)
                 if kind == "derpkit probe" and run.stdout.strip():
                     rep = json.loads(run.stdout)
-                    run_s.append(float(rep["run"]["seconds"]))
+                    run_s[trust].append(float(rep["run"]["seconds"]))
                     good = {r["Name"]: "" for r in rep["results"] if r["Status"] == "succeeded"}
                     bad = {r["Name"]: r["Error"] for r in rep["results"] if r["Status"] != "succeeded"}
                 res.probes[kind] = len(good) + len(bad)
                 if bad or run.returncode != 0 or run.timed_out:
                     first = next(iter(bad.items()), ("", run.tail(300)))
-                    res.errors.append(f"{kind} round {i + 1}: exit {run.returncode}, {len(bad)} bad "
-                                      f"(first: {first[0]}: {first[1]})".replace("\n", " "))
-                wall[kind].append(run.wall_s)
-                cpu[kind].append(run.cpu_s)
-                rss[kind].append(run.max_rss / 2**20)
+                    res.errors.append(f"{kind} (trust {trust}) round {i + 1}: exit {run.returncode}, "
+                                      f"{len(bad)} bad (first: {first[0]}: {first[1]})".replace("\n", " "))
+                wall[kind, trust].append(run.wall_s)
+                cpu[kind, trust].append(run.cpu_s)
+                rss[kind, trust].append(run.max_rss / 2**20)
     finally:
         fleet.stop()
-    for kind in kinds:
-        slug = "derpkit" if kind.startswith("derpkit") else "go"
+    for kind, trust in variants:
+        slug = ("derpkit" if kind.startswith("derpkit") else "go") + ("" if trust == "ca" else f"_{trust}")
+        who = f"{kind}, {'test CA only' if trust == 'ca' else 'system roots + test CA'}"
         n = res.probes.get(kind, 0)
         res.figures += [
-            Figure(f"probe_wall_{slug}", f"probe -once cycle, {nodes} nodes: wall time, {kind}", "s",
-                   wall[kind], f"{n} probes; whole process, start-up included"),
-            Figure(f"probe_cpu_{slug}", f"probe -once cycle: CPU seconds, {kind}", "s", cpu[kind],
-                   "user+system of the prober (wait4)"),
-            Figure(f"probe_rss_{slug}", f"probe -once cycle: peak RSS, {kind}", "MiB", rss[kind],
-                   "VmHWM of the prober, read every 20 ms"),
+            Figure(f"probe_wall_{slug}", f"probe -once cycle, {nodes} nodes: wall time, {who}", "s",
+                   wall[kind, trust], f"{n} probes; whole process, start-up included"),
+            Figure(f"probe_cpu_{slug}", f"probe -once cycle: CPU seconds, {who}", "s",
+                   cpu[kind, trust], "user+system of the prober (wait4)"),
+            Figure(f"probe_rss_{slug}", f"probe -once cycle: peak RSS, {who}", "MiB",
+                   rss[kind, trust], "VmHWM of the prober, read every 20 ms"),
         ]
-    if run_s:
-        res.figures.append(Figure("probe_run_derpkit", "probe -once cycle: derpkit's own run.seconds",
-                                  "s", run_s, "from its --json report: first probe to last result"))
+    for trust, vals in run_s.items():
+        if vals:
+            res.figures.append(Figure(
+                "probe_run_derpkit" + ("" if trust == "ca" else f"_{trust}"),
+                f"probe -once cycle: derpkit's own run.seconds, {'test CA only' if trust == 'ca' else 'system roots + test CA'}",
+                "s", vals, "from its --json report: first probe to last result"))
     return res
