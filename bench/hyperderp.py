@@ -151,18 +151,25 @@ class HyperDerpServer(Server):
         return self
 
     def _wait_http(self, deadline: float) -> None:
-        """The accept line comes just before the loop runs; wait for /derp/probe's 200."""
-        while time.monotonic() < deadline:
+        """The accept line comes just before the loop runs, and the metrics server (Crow)
+        starts after it: wait for /derp/probe's 200, and /metrics' when enabled."""
+        urls = [f"http://127.0.0.1:{self.port}/derp/probe"]
+        if self.metrics_port:
+            urls.append(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        while urls and time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 break
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/derp/probe", timeout=1) as r:
+                with urllib.request.urlopen(urls[0], timeout=1) as r:
                     if r.status == 200:
-                        return
+                        urls.pop(0)
+                        continue
             time.sleep(0.05)
+        if not urls:
+            return
         log = b"".join(self.log[-30:]).decode(errors="replace")
         self.stop()
-        raise RuntimeError(f"hyper-derp does not answer /derp/probe on port {self.port}:\n{log}")
+        raise RuntimeError(f"hyper-derp does not answer {urls[0]}:\n{log}")
 
     def varz(self) -> str | None:  # type: ignore[override]
         """Prometheus text from ``--metrics-port`` (Hyper-DERP has no /debug/varz), or None."""
