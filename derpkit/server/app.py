@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from derpkit import __version__, setec
 from derpkit.protocol.keys import KeyError_, MeshKey, NodePrivate
@@ -133,12 +133,14 @@ def load_rate_config(path: str) -> tuple[int, int]:
 
 
 def build_node(
-    cfg: ServeConfig, *, key: NodePrivate | None = None, setec_value: bytes | None = None
+    cfg: ServeConfig, *, key: NodePrivate | None = None, setec_value: bytes | None = None,
+    tweak: Callable[[NodeOptions], None] | None = None,
 ) -> DerpNode:
     """Everything derper decides before listening, as a ``DerpNode``.
 
     ``key`` is the server key if already loaded; ``setec_value`` the mesh-key secret
-    fetched by ``fetch_setec_mesh_key`` (both come from ``serve``).
+    fetched by ``fetch_setec_mesh_key`` (both come from ``serve``). ``tweak`` may change
+    the options before the node is built (a -workers worker does).
     """
     if key is None:
         key = load_server_key(cfg)
@@ -197,6 +199,8 @@ def build_node(
         http_port=cfg.http_port if provider is not None and cfg.http_port_enabled else None,
         acme_http01=provider.acme_http01 if provider is not None else None,
     )
+    if tweak is not None:
+        tweak(opts)
     node = DerpNode(opts)
     node.cert_provider = provider
     if cfg.rate_config:
@@ -225,6 +229,24 @@ async def serve(cfg: ServeConfig) -> int:
     key = load_server_key(cfg)
     setec_value = await fetch_setec_mesh_key(cfg, stop)
     node = build_node(cfg, key=key, setec_value=setec_value)
+    install_sighup(cfg, node)
+    if not cfg.tls_enabled:
+        log.info("derper: serving on %s", cfg.addr)
+    try:
+        await node.start()
+    except OSError as e:
+        raise StartupError(f"derper: {e}") from None
+    extra = f"; plain HTTP (-http-port) on port {node.http_port}" if node.http_port is not None else ""
+    log.info("derpkit: server public key %s; DERP on port %d%s", node.public_key, node.port, extra)
+    await stop.wait()
+    log.info("derpkit: shutting down; telling %d clients to reconnect", len(node.server.conns))
+    await node.stop(graceful=True)
+    return 0
+
+
+def install_sighup(cfg: ServeConfig, node: DerpNode) -> None:
+    """SIGHUP reloads -rate-config and the certificate (a -workers worker installs it too)."""
+    loop = asyncio.get_running_loop()
     if cfg.rate_config:
         def reload_rate() -> None:
             log.info("derper: received SIGHUP, reloading rate config from %s", cfg.rate_config)
@@ -249,18 +271,6 @@ async def serve(cfg: ServeConfig) -> int:
             provider.reload()
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    if not cfg.tls_enabled:
-        log.info("derper: serving on %s", cfg.addr)
-    try:
-        await node.start()
-    except OSError as e:
-        raise StartupError(f"derper: {e}") from None
-    extra = f"; plain HTTP (-http-port) on port {node.http_port}" if node.http_port is not None else ""
-    log.info("derpkit: server public key %s; DERP on port %d%s", node.public_key, node.port, extra)
-    await stop.wait()
-    log.info("derpkit: shutting down; telling %d clients to reconnect", len(node.server.conns))
-    await node.stop(graceful=True)
-    return 0
 
 
 def setup_logging() -> None:
@@ -293,6 +303,10 @@ def main(argv: Sequence[str]) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
     try:
+        if cfg.workers != 1:
+            from derpkit.server.workers.supervisor import supervise
+
+            return runner(supervise(cfg, list(argv)))
         return runner(serve(cfg))
     except StartupError as e:
         log.error("%s", e)

@@ -85,6 +85,16 @@ class NodeOptions:
     http_port: int | None = None
     #: ACME HTTP-01 answers for that listener: (Host header, path) -> (status, body) or None.
     acme_http01: Callable[[str, str], tuple[int, str] | None] | None = None
+    # -workers (derpkit/server/workers/): N processes share the ports.
+    #: SO_REUSEPORT on the DERP, port-80 and STUN sockets, so sibling workers can bind them too.
+    reuse_port: bool = False
+    #: A second, plain-HTTP listener on 127.0.0.1 (0 = ephemeral) that only this process
+    #: accepts on: sibling workers mesh with it and read its /debug/varz. None = none.
+    private_port: int | None = None
+    #: Builds the relay core instead of ``DerpServer`` (same arguments), e.g. a worker's.
+    relay_factory: Callable[..., DerpServer] | None = None
+    #: aiohttp middlewares added after the built-in ones (the workers' summed /debug/varz).
+    middlewares: list[Any] = field(default_factory=list)
 
 
 class DerpNode:
@@ -94,7 +104,7 @@ class DerpNode:
         self.opts = opts or NodeOptions(**kw)
         o = self.opts
         self.private_key = o.private_key or NodePrivate.generate()
-        self.server = DerpServer(
+        self.server = (o.relay_factory or DerpServer)(
             self.private_key,
             mesh_key=o.mesh_key,
             write_timeout=o.write_timeout,
@@ -114,6 +124,8 @@ class DerpNode:
         self.port80: asyncio.AbstractServer | None = None
         self.port80_runner: web.AppRunner | None = None
         self.http_port: int | None = None  # bound port of the -http-port listener
+        self.private_listener: asyncio.AbstractServer | None = None
+        self.private_port: int | None = None  # bound port of NodeOptions.private_port
 
     @property
     def public_key(self):  # noqa: ANN201 - NodePublic
@@ -153,6 +165,7 @@ class DerpNode:
         http_opts.metrics_sources = [self.stun_families, *o.extra_metrics, *http_opts.metrics_sources]
         app = build_app(self.server, http_opts)
         app.middlewares.insert(0, tls_version_middleware(self.server.stats))
+        app.middlewares.extend(o.middlewares)
         ace = app[ACE]
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -180,12 +193,22 @@ class DerpNode:
         host: str | None = o.host or None
         self.listener = await loop.create_server(
             listen_factory, host, o.port, ssl=listen_ssl, reuse_address=True, backlog=4096,
-            ssl_handshake_timeout=30.0 if listen_ssl else None,
+            ssl_handshake_timeout=30.0 if listen_ssl else None, reuse_port=o.reuse_port or None,
         )
         socks = self.listener.sockets
         self.port = socks[0].getsockname()[1]
         for s in socks:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if o.private_port is not None:
+            def private_door() -> FrontDoor:
+                return FrontDoor(self.server, factory, derp_enabled=http_opts.derp_enabled, ace=ace)
+
+            self.private_listener = await loop.create_server(
+                private_door, "127.0.0.1", o.private_port, reuse_address=True, backlog=1024
+            )
+            psock = self.private_listener.sockets[0]
+            psock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.private_port = psock.getsockname()[1]
         if o.http_port is not None:
             await self._start_port80(app, host)
         if o.stun_port is not None:
@@ -193,7 +216,8 @@ class DerpNode:
 
             try:
                 self.stun = await start_stun_server(
-                    o.host, o.stun_port, strict=o.stun_strict and o.stun_rfc5780 is None, rfc5780=o.stun_rfc5780
+                    o.host, o.stun_port, strict=o.stun_strict and o.stun_rfc5780 is None, rfc5780=o.stun_rfc5780,
+                    reuse_port=o.reuse_port,
                 )
             except OSError as e:
                 # derper goes on without STUN when its port is taken; we say so loudly.
@@ -204,7 +228,8 @@ class DerpNode:
             from derpkit.server.relay.mesh import MeshLink
 
             for host_name, dial in o.mesh_with:
-                link = MeshLink(self.server, host_name, dial, scheme=o.mesh_scheme, insecure_tls=o.mesh_insecure_tls)
+                link = MeshLink(self.server, host_name, dial, scheme=o.mesh_scheme, insecure_tls=o.mesh_insecure_tls,
+                                mesh_key=o.mesh_key)
                 self.mesh.append(link)
                 link.start()
 
@@ -226,7 +251,7 @@ class DerpNode:
             return FrontDoor(self.server, factory, derp_enabled=False, plain_connect=hook)
 
         self.port80 = await asyncio.get_running_loop().create_server(
-            door, host, self.opts.http_port, reuse_address=True
+            door, host, self.opts.http_port, reuse_address=True, reuse_port=self.opts.reuse_port or None
         )
         self.http_port = self.port80.sockets[0].getsockname()[1]
         if self.opts.tune_listener is not None:
@@ -239,6 +264,9 @@ class DerpNode:
         self.mesh.clear()
         if self.listener is not None:
             self.listener.close()
+        if self.private_listener is not None:
+            self.private_listener.close()
+            self.private_listener = None
         if self.port80 is not None:
             self.port80.close()
             self.port80 = None

@@ -254,16 +254,19 @@ class Rfc5780Group:
         return sender, reply, dest
 
 
-def _make_socket(host: str, port: int) -> socket.socket:
+def _make_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """Create and bind the UDP socket ourselves so dual-stack is explicit, not OS-default.
 
     ``host == ""`` means every address: ``::`` with IPV6_V6ONLY off (one socket for both
     families, like Go's ``:3478``), falling back to ``0.0.0.0`` on hosts without IPv6.
+    ``reuse_port`` sets SO_REUSEPORT first, so -workers siblings share the port.
     """
     if host == "":
         try:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             try:
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.bind(("::", port))
             except BaseException:
@@ -279,6 +282,8 @@ def _make_socket(host: str, port: int) -> socket.socket:
     family, _, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM, proto)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # An explicit IPv6 address serves IPv6 only, as in Go.
             with contextlib.suppress(OSError):
@@ -290,8 +295,8 @@ def _make_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(host: str, port: int, server: StunServer) -> StunServer:
-    sock = _make_socket(host, port)
+async def _serve(host: str, port: int, server: StunServer, reuse_port: bool = False) -> StunServer:
+    sock = _make_socket(host, port, reuse_port)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     try:
@@ -303,7 +308,8 @@ async def _serve(host: str, port: int, server: StunServer) -> StunServer:
 
 
 async def start_stun_server(
-    host: str, port: int, *, strict: bool | None = None, rfc5780: tuple[str, int] | None = None
+    host: str, port: int, *, strict: bool | None = None, rfc5780: tuple[str, int] | None = None,
+    reuse_port: bool = False,
 ) -> StunServer:
     """Bind ``host:port`` (``""`` = dual-stack all addresses; ``0`` = ephemeral) and serve.
 
@@ -317,7 +323,7 @@ async def start_stun_server(
     """
     if rfc5780 is None:
         # Go's behaviour unless told otherwise: only Tailscale-shaped requests.
-        server = await _serve(host, port, StunServer(strict=strict is not False))
+        server = await _serve(host, port, StunServer(strict=strict is not False), reuse_port)
         log.info("STUN server listening on %s", server.address)
         return server
     if strict:
@@ -325,14 +331,14 @@ async def start_stun_server(
     alt_ip, alt_port = rfc5780
     group = Rfc5780Group()
     try:
-        p1 = await _serve(host, port, StunServer(strict=False, group=group, slot=(0, 0)))
+        p1 = await _serve(host, port, StunServer(strict=False, group=group, slot=(0, 0)), reuse_port)
         group.servers[(0, 0)] = p1
         port1 = group.addr((0, 0))[1]
-        p2 = await _serve(host, alt_port, StunServer(strict=False, group=group, slot=(0, 1)))
+        p2 = await _serve(host, alt_port, StunServer(strict=False, group=group, slot=(0, 1)), reuse_port)
         group.servers[(0, 1)] = p2
         port2 = group.addr((0, 1))[1]
-        group.servers[(1, 0)] = await _serve(alt_ip, port1, StunServer(strict=False, group=group, slot=(1, 0)))
-        group.servers[(1, 1)] = await _serve(alt_ip, port2, StunServer(strict=False, group=group, slot=(1, 1)))
+        group.servers[(1, 0)] = await _serve(alt_ip, port1, StunServer(strict=False, group=group, slot=(1, 0)), reuse_port)
+        group.servers[(1, 1)] = await _serve(alt_ip, port2, StunServer(strict=False, group=group, slot=(1, 1)), reuse_port)
     except BaseException:
         for srv in group.servers.values():
             srv.close()

@@ -94,6 +94,7 @@ EXTENSIONS: dict[str, tuple[str, Any]] = {
     "restart-notice": ("duration", 5.0),
     "acme-directory-url": ("string", ""),
     "acme-renew-before": ("duration", 0.0),
+    "workers": ("int", 1),
 }
 
 
@@ -366,6 +367,7 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("RESTART_NOTICE", "restart-notice", "10s", 10.0),
     ("ACME_DIRECTORY_URL", "acme-directory-url", "https://localhost:14000/dir", "https://localhost:14000/dir"),
     ("ACME_RENEW_BEFORE", "acme-renew-before", "720h", 2592000.0),
+    ("WORKERS", "workers", "0x2", 2),
     # community-image aliases
     ("DERP_DOMAIN", "hostname", "derp.example.org", "derp.example.org"),
     ("DERP_CERT_MODE", "certmode", "manual", "manual"),
@@ -558,6 +560,7 @@ BAD_ENV_CASES: list[tuple[str, str, str, int]] = [
     ("RESTART_NOTICE", "-5s", "restart-notice", 2),
     ("RESTART_NOTICE", "5d", "restart-notice", 2),
     ("ACME_RENEW_BEFORE", "-1h", "acme-renew-before", 2),
+    ("WORKERS", "-1", "workers", 2),
     ("DERP_DOMAIN", "192.0.2.1", "hostname", 1),
     ("DERP_CERT_MODE", "selfsigned", "certmode", 1),
     ("DERP_CERT_DIR", "", "certdir", 1),

@@ -81,6 +81,7 @@ class ServeConfig:
     restart_notice: float = _table_default("restart_notice")
     acme_directory_url: str = _table_default("acme_directory_url")
     acme_renew_before: float = _table_default("acme_renew_before")
+    workers: int = _table_default("workers")
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     #: derper's non-flag environment knobs, read with the flags (parse_config passes its
     #: ``environ``; a directly built config reads the process environment once, here).

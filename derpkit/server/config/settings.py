@@ -218,6 +218,16 @@ def _user_timeout(value: float) -> str | None:
 
 
 _MAX_INT64 = (1 << 63) - 1
+#: -workers: the claim stamps between workers keep the worker's index in 8 bits.
+MAX_WORKERS = 64
+
+
+def _workers(value: int) -> str | None:
+    if value < 0:
+        return "must not be negative (0 means one worker per usable CPU)"
+    if value > MAX_WORKERS:
+        return f"must be at most {MAX_WORKERS}"
+    return None
 
 # derper's 34 flags in the order of the spec's table, then derpkit's extensions.
 SETTINGS: tuple[Setting, ...] = (
@@ -549,6 +559,17 @@ SETTINGS: tuple[Setting, ...] = (
         check=_non_negative,
         extension=True,
     ),
+    Setting(
+        "workers",
+        ("WORKERS",),
+        "int",
+        1,
+        "Server processes sharing the ports (SO_REUSEPORT) and reaching each other's clients "
+        "over a private loopback mesh; 0 means one per usable CPU. 1 is one process, as "
+        "derper. See docs/workers.md.",
+        check=_workers,
+        extension=True,
+    ),
 )
 
 BY_FLAG: dict[str, Setting] = {s.flag: s for s in SETTINGS}
@@ -566,4 +587,5 @@ SEEDLESS_ENVS = (
     "STUN_RFC5780",
     "ALLOWED_KEYS_FILE",
     "RESTART_NOTICE",
+    "WORKERS",
 )

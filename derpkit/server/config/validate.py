@@ -141,6 +141,16 @@ def validate_config(cfg: ServeConfig) -> list[str]:
             env=env_of(cfg.origins, "home"),
         )
     _check_rfc5780(cfg)
+    if cfg.workers != 1 and cfg.tls_enabled and cfg.certmode != "manual":
+        # Each worker would run its own ACME client on one cache, and a challenge request
+        # lands on whichever worker the kernel picks (docs/workers.md).
+        raise ConfigError(
+            f"derpkit: -workers {cfg.workers} needs -certmode manual when serving TLS (ACME "
+            f"certificates are not shared between workers){origin_suffix(cfg.origins, 'workers', 'certmode')}",
+            1,
+            flag="workers",
+            env=env_of(cfg.origins, "workers"),
+        )
     if cfg.tls_enabled:
         found = _cert_refusal(cfg)
         if found:

@@ -213,7 +213,11 @@ class DerpServer:
             except Exception as e:  # a broken mesh link loses the packet, as in Go
                 log.debug("derp: forward to %s failed: %s", NodePublic(dst), e)
             return
-        stats.drop("unknown_dest", disco, n)
+        self._unknown_dest(src, dst, payload, n, disco)
+
+    def _unknown_dest(self, src: ClientConn, dst: bytes, payload: bytes, n: int, disco: bool) -> None:
+        """No route for ``dst``: drop (a -workers worker first waits briefly for a route)."""
+        self.stats.drop("unknown_dest", disco, n)
         if disco:
             src.send_not_here(dst)
 

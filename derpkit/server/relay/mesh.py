@@ -19,6 +19,7 @@ from derpkit.protocol.constants import MESH_RETRY_INTERVAL
 
 if TYPE_CHECKING:
     from derpkit.client.conn import DerpClient
+    from derpkit.protocol.keys import MeshKey, NodePrivate
 
     from .derp import DerpServer
 
@@ -41,8 +42,17 @@ class MeshLink:
         insecure_tls: bool = False,
         cert_name: str | None = None,
         retry_interval: float = MESH_RETRY_INTERVAL,
+        private_key: NodePrivate | None = None,
+        mesh_key: MeshKey | None = None,
+        same_server_key: bool = False,
     ) -> None:
         self.server = server
+        #: Who the link logs in as and with which mesh key; None means the server's own
+        #: (derper's rule). ``same_server_key`` is for -workers siblings, which share the
+        #: server key by design and so must not take it as a self-connect.
+        self.private_key = private_key
+        self.mesh_key = mesh_key
+        self.same_server_key = same_server_key
         self.host = host
         self.dial_host = dial_host
         self.url = f"{scheme}://{host}/derp"
@@ -101,6 +111,15 @@ class MeshLink:
 
     # -------------------------------------------------------------- watch loop
 
+    def on_frame(self, f: object) -> None:
+        """One frame of the peer's watch stream: PeerPresent/PeerGone become routes."""
+        if isinstance(f, F.PeerPresent):
+            self.seen.add(f.key)
+            self.server.add_forwarder(f.key, self)
+        elif isinstance(f, F.PeerGone):
+            self.seen.discard(f.key)
+            self.server.remove_forwarder(f.key, self)
+
     def _forget_all(self) -> None:
         for key in list(self.seen):
             self.server.remove_forwarder(key, self)
@@ -114,8 +133,8 @@ class MeshLink:
             try:
                 client = await DerpClient.connect(
                     self.url,
-                    private_key=server.private_key,
-                    mesh_key=server.mesh_key,
+                    private_key=self.private_key or server.private_key,
+                    mesh_key=self.mesh_key if self.mesh_key is not None else server.mesh_key,
                     can_ack_pings=False,
                     watch_conns=True,
                     dial_host=self.dial_host,
@@ -128,7 +147,7 @@ class MeshLink:
                 log.warning("mesh %s: connect failed: %s; retrying in %ss", self.host, e, self.retry_interval)
                 await asyncio.sleep(self.retry_interval * random.uniform(0.9, 1.1))
                 continue
-            if client.server_key == server.public_key:
+            if client.server_key == server.public_key and not self.same_server_key:
                 log.info("mesh %s: detected self-connect; not meshing with myself", self.host)
                 await client.close()
                 return
@@ -137,13 +156,7 @@ class MeshLink:
             self.connected.set()
             try:
                 while True:
-                    f = await client.recv()
-                    if isinstance(f, F.PeerPresent):
-                        self.seen.add(f.key)
-                        server.add_forwarder(f.key, self)
-                    elif isinstance(f, F.PeerGone):
-                        self.seen.discard(f.key)
-                        server.remove_forwarder(f.key, self)
+                    self.on_frame(await client.recv())
             except asyncio.CancelledError:
                 raise
             except Exception as e:
