@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import math
 import os
 import time
 import urllib.parse
@@ -164,7 +165,9 @@ def _typed(obj: dict[str, Any], key: str, kind: type, where: str, default: Any) 
     if v is None:
         return default
     if kind is int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        # A float must be finite first: JSON's 3e478 reads as inf, and int(inf) raises (atheris).
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)) \
+                or v != int(v):
             raise MapError(f"{where}: {key} must be an integer, not {json.dumps(v)}")
         return int(v)
     if kind is bool and not isinstance(v, bool):
