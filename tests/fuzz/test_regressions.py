@@ -91,3 +91,16 @@ def test_nul_in_a_port_name_is_a_config_error(environ: dict[str, str]) -> None:
         parse_config([], environ, path_exists=lambda p: False)
     T.check_settings([], environ)
     T.check_settings_bytes(b"\n\nDERP_ADDR=:4-a\x00143\nDE27.RP")
+
+
+@pytest.mark.parametrize("value", [b"3E478", b"-1e400", b"NaN", b"Infinity"])
+def test_non_finite_number_for_an_integer_field_is_a_map_error(value: bytes) -> None:
+    """atheris, derp_map: ``"STUNPort": 3E478`` reads as float inf, and the integer check's
+    int(v) raised OverflowError (ValueError for NaN) out of parse_map, not a MapError."""
+    from derpkit.probe import dmap
+
+    data = (b'{"Regions":{"1":{"RegionID":1,"RegionCode":"lo","Nodes":[{"Name":"1a","HostName":"h",'
+            b'"STUNPort":' + value + b',"RegionID":1}]}}}')
+    with pytest.raises(dmap.MapError, match="STUNPort must be an integer"):
+        dmap.parse_map(data)
+    T.check_derp_map(data)
