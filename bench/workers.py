@@ -235,6 +235,56 @@ def flood(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def profile(args: argparse.Namespace) -> None:
+    """py-spy on every worker of a ``-workers 2`` server under a derpgen flood: where the time goes."""
+    import collections
+    import shutil
+
+    from bench.__main__ import build_derpgen
+
+    gen, spy = build_derpgen(), shutil.which("py-spy")
+    if gen is None or spy is None:
+        raise SystemExit("bench.workers profile: needs bench/derpgen (Go) and py-spy")
+    server = start_server(args.workers)
+    outs = [os.path.join(tempfile.mkdtemp(prefix="bench-spy-"), f"w{i}.txt") for i in range(len(server.pids))]
+    try:
+        flood = subprocess.Popen(
+            [gen, "flood", "-url", f"http://127.0.0.1:{server.port}/derp", "-pairs", str(args.pairs),
+             "-size", str(args.size), "-duration", f"{args.duration + 2}s"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        spies = [subprocess.Popen([spy, "record", "--format", "raw", "-r", "200", "-d", str(int(args.duration)),
+                                   "-p", str(pid), "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for pid, out in zip(server.pids, outs, strict=True)]
+        for sp in spies:
+            sp.wait(args.duration + 30)
+        res = json.loads(flood.communicate(timeout=args.duration + 60)[0].strip().splitlines()[-1])
+    finally:
+        server.stop()
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for out in outs:
+        with open(out) as f:
+            for line in f:
+                stack, _, n = line.rstrip().rpartition(" ")
+                if not stack:
+                    continue
+                count = int(n)
+                frames = [re.sub(r":\d+\)$", ")", fr) for fr in stack.split(";")]
+                total += count
+                own[frames[-1]] += count
+                for fr in set(frames):
+                    incl[fr] += count
+    print(f"workers={args.workers} pairs={args.pairs} size={args.size}: {res['pps']:.0f} packets/s delivered, "
+          f"loss {res['loss']:.3f}; {total} samples over {len(outs)} worker(s)")
+    print("self time (top 20):")
+    for fr, n in own.most_common(20):
+        print(f"  {n / total * 100:5.1f}%  {fr}")
+    print("inclusive (top 30):")
+    for fr, n in incl.most_common(30):
+        print(f"  {n / total * 100:5.1f}%  {fr}")
+
+
 def summary(rows: list[dict[str, object]], key: str, fields: tuple[str, ...]) -> None:
     groups: dict[object, list[dict[str, object]]] = {}
     for r in rows:
@@ -263,7 +313,15 @@ def main() -> None:
     f.add_argument("--size", type=int, default=1200)
     f.add_argument("--duration", type=float, default=5)
     f.add_argument("--rounds", type=int, default=3)
+    pr = sub.add_parser("profile", help="py-spy every worker under a derpgen flood")
+    pr.add_argument("--workers", type=int, default=2)
+    pr.add_argument("--pairs", type=int, default=8)
+    pr.add_argument("--size", type=int, default=1200)
+    pr.add_argument("--duration", type=float, default=5)
     args = ap.parse_args()
+    if args.mode == "profile":
+        profile(args)
+        return
     if args.mode == "cost":
         rows = cost(args)
         summary(rows, "placement", ("delivered_per_s", "cpu_us_per_packet", "server_cpu_pct", "p50_ms", "p99_ms", "p999_ms"))
