@@ -201,6 +201,31 @@ def cost(args: argparse.Namespace) -> list[dict[str, object]]:
 # ---------------------------------------------------------------------- flood
 
 
+class GoServer:
+    """Go derper through bench/servers.py, with the same cpu()/stop() as ``Server``."""
+
+    def __init__(self, srv: object) -> None:
+        self.srv = srv
+        self.port: int = srv.port  # type: ignore[attr-defined]
+
+    def cpu(self) -> float:
+        from bench.servers import tree_cpu_seconds
+
+        return tree_cpu_seconds(self.srv.proc.pid)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self.srv.stop()  # type: ignore[attr-defined]
+
+
+def start_go() -> GoServer:
+    from bench.servers import GoDerperServer, find_go_derper
+
+    binary = find_go_derper()
+    if binary is None:
+        raise SystemExit("bench.workers flood --go: Go derper not installed")
+    return GoServer(GoDerperServer(binary).start())
+
+
 def flood(args: argparse.Namespace) -> list[dict[str, object]]:
     from bench.__main__ import build_derpgen
 
@@ -208,10 +233,12 @@ def flood(args: argparse.Namespace) -> list[dict[str, object]]:
     if gen is None:
         raise SystemExit("bench.workers flood: bench/derpgen could not be built")
     rows: list[dict[str, object]] = []
-    counts = [int(w) for w in args.workers.split(",")]
+    counts: list[int | str] = [int(w) for w in args.workers.split(",")]
+    if args.go:
+        counts.append("go")  # Go derper, unpinned: GOMAXPROCS = every CPU
     for rnd in range(args.rounds):
         for workers in counts if rnd % 2 == 0 else list(reversed(counts)):
-            server = start_server(workers)
+            server = start_go() if workers == "go" else start_server(int(workers))
             try:
                 cpu0 = server.cpu()
                 t0 = time.monotonic()
@@ -224,8 +251,9 @@ def flood(args: argparse.Namespace) -> list[dict[str, object]]:
                 wall = time.monotonic() - t0
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 res.pop("hist", None)
-                v = varz(server.port)
-                res["cross_worker_share"] = v.get("derp_packets_forwarded_out", 0) / max(1, v["derp_packets_received"])
+                if workers != "go":
+                    v = varz(server.port)
+                    res["cross_worker_share"] = v.get("derp_packets_forwarded_out", 0) / max(1, v["derp_packets_received"])
             finally:
                 server.stop()
             row = {"round": rnd, "workers": workers, "server_cpu_pct": cpu / wall * 100,
@@ -313,6 +341,7 @@ def main() -> None:
     f.add_argument("--size", type=int, default=1200)
     f.add_argument("--duration", type=float, default=5)
     f.add_argument("--rounds", type=int, default=3)
+    f.add_argument("--go", action="store_true", help="also Go derper (every CPU) in the same run")
     pr = sub.add_parser("profile", help="py-spy every worker under a derpgen flood")
     pr.add_argument("--workers", type=int, default=2)
     pr.add_argument("--pairs", type=int, default=8)
