@@ -49,10 +49,45 @@ class Window:
     pps: float  # packets the server delivered per second
     gen_share: float  # generator CPU seconds per second (1.0 = one core)
     server_share: float
+    #: how busy the generator's CPUs were in all (user, system, irq, softirq, anyone's), in
+    #: cores; None when unpinned. On loopback the receive side of what the generator sends
+    #: runs as softirq on the sending CPU, charged to no process.
+    gen_cpu_busy: float | None = None
 
     @property
     def per_core(self) -> float:
         return self.pps / self.gen_share if self.gen_share > 0 else 0.0
+
+    @property
+    def per_busy_core(self) -> float | None:
+        if not self.gen_cpu_busy:
+            return None
+        return self.pps / self.gen_cpu_busy
+
+
+def cpu_list(spec: str | None) -> list[int]:
+    """taskset's "1" / "1-3" / "1,3" as CPU numbers."""
+    out: list[int] = []
+    for part in (spec or "").split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += range(int(lo), int(hi) + 1)
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+def busy_jiffies(cpus: list[int]) -> tuple[int, int]:
+    """(busy, total) jiffies of ``cpus`` from /proc/stat; busy = total − idle − iowait."""
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in vals[:8]]
+                total += sum(v)
+                busy += sum(v) - v[3] - v[4]
+    return busy, total
 
 
 def packets_sent(srv: Server) -> int:
@@ -68,7 +103,7 @@ def _cpu(p: psutil.Process) -> float:
 
 
 def sample_window(srv: Server, gen: subprocess.Popen[Any], warmup: float, seconds: float,
-                  start_timeout: float = 30.0) -> Window:
+                  gen_cpus: str | None = None, start_timeout: float = 30.0) -> Window:
     """Wait until packets flow, let ``warmup`` pass, then measure ``seconds`` of traffic."""
     c0, deadline = packets_sent(srv), time.monotonic() + start_timeout
     while packets_sent(srv) < c0 + 100:
@@ -79,13 +114,17 @@ def sample_window(srv: Server, gen: subprocess.Popen[Any], warmup: float, second
         time.sleep(0.1)
     time.sleep(warmup)
     gp, sp = psutil.Process(gen.pid), psutil.Process(srv.pid)
+    cpus = cpu_list(gen_cpus)
     t0, n0, g0, s0 = time.monotonic(), packets_sent(srv), _cpu(gp), _cpu(sp)
+    b0, j0 = busy_jiffies(cpus)
     time.sleep(seconds)
     t1, n1, g1, s1 = time.monotonic(), packets_sent(srv), _cpu(gp), _cpu(sp)
+    b1, j1 = busy_jiffies(cpus)
     if gen.poll() is not None:
         raise RuntimeError(f"the generator exited ({gen.returncode}) inside the window")
     dt = t1 - t0
-    return Window((n1 - n0) / dt, (g1 - g0) / dt, (s1 - s0) / dt)
+    busy = (b1 - b0) / (j1 - j0) * len(cpus) if cpus and j1 > j0 else None
+    return Window((n1 - n0) / dt, (g1 - g0) / dt, (s1 - s0) / dt, busy)
 
 
 def _stop(p: subprocess.Popen[Any], timeout: float) -> None:
@@ -120,7 +159,7 @@ def run_locust(srv: Server, cpus: str | None, pairs: int, size: int, warmup: flo
                              cwd=workdir, env=child_env(), start_new_session=True,
                              preexec_fn=raise_nofile)
         try:
-            w = sample_window(srv, p, warmup, seconds)
+            w = sample_window(srv, p, warmup, seconds, cpus)
         finally:
             _stop(p, 20)
     counts = {"delivered": 0, "lost": 0, "connect_failed": 0}
@@ -160,7 +199,7 @@ def derpgen_binary() -> str | None:
 
 
 def run_derpgen(srv: Server, derpgen: list[str], pairs: int, size: int, rate: float, warmup: float,
-                seconds: float) -> Window:
+                seconds: float, cpus: str | None) -> Window:
     """One derpgen flood (``rate`` 0 = unpaced) measured over the same kind of window."""
     args = ["-url", srv.url, "-pairs", str(pairs), "-size", str(size),
             "-duration", f"{warmup + seconds + 60:.0f}s"]  # a bound: stopped after the window
@@ -169,7 +208,7 @@ def run_derpgen(srv: Server, derpgen: list[str], pairs: int, size: int, rate: fl
     p = subprocess.Popen([*derpgen, "flood", *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=raise_nofile)
     try:
-        return sample_window(srv, p, warmup, seconds)
+        return sample_window(srv, p, warmup, seconds, cpus)
     finally:
         _stop(p, 10)
 
@@ -208,11 +247,13 @@ def measure(rounds: int, pairs: int, size: int, warmup: float, seconds: float,
                         res.errors.append(f"locust round {i + 1}: no delivered packets in its CSV")
                 else:
                     assert gen is not None
-                    rows["derpgen"].append(run_derpgen(srv, gen, pairs, size, 0, warmup, seconds))
+                    rows["derpgen"].append(run_derpgen(srv, gen, pairs, size, 0, warmup, seconds,
+                                                         gen_cpus))
             if gen is not None and rows["locust"]:
                 log(f"locust round {i + 1}/{rounds}: derpgen paced at locust's rate")
                 rate = rows["locust"][-1].pps
-                rows["derpgen_paced"].append(run_derpgen(srv, gen, pairs, size, rate, warmup, seconds))
+                rows["derpgen_paced"].append(run_derpgen(srv, gen, pairs, size, rate, warmup, seconds,
+                                                           gen_cpus))
     labels = {"locust": f"locust PacketPair ×{pairs}, 1 process",
               "derpgen": f"derpgen ×{pairs} pairs, unpaced",
               "derpgen_paced": "derpgen paced at locust's delivered rate"}
@@ -226,6 +267,12 @@ def measure(rounds: int, pairs: int, size: int, warmup: float, seconds: float,
                    [w.gen_share for w in ws], "1.00 = one core busy"),
             Figure(f"load_percore_{kind}", f"{labels[kind]}: packets/s per generator core",
                    "pkt/s/core", [w.per_core for w in ws], "delivered ÷ generator CPU share"),
+            Figure(f"load_cpubusy_{kind}", f"{labels[kind]}: generator CPU busy, all causes",
+                   "cores", [w.gen_cpu_busy for w in ws if w.gen_cpu_busy is not None],
+                   "/proc/stat of the generator's CPU: its process, softirq of its sends, anyone"),
+            Figure(f"load_perbusy_{kind}", f"{labels[kind]}: packets/s per busy generator CPU",
+                   "pkt/s/core", [w.per_busy_core for w in ws if w.per_busy_core is not None],
+                   "delivered ÷ CPU busy: the whole core it takes"),
             Figure(f"load_server_{kind}", f"{labels[kind]}: server CPU share", "cores",
                    [w.server_share for w in ws],
                    "near 1.00: the server, not the generator, may be the limit"),
