@@ -273,6 +273,38 @@ async def test_kill_minus_9_under_locust_load(tmp_path: Path) -> None:
         await mesh.stop_all()
 
 
+async def warm_up(a: DerpClient, b: DerpClient, within: float) -> None:
+    """Until a packet has crossed the mesh both ways, then drain what the retries left."""
+    await deliver_eventually(a, b, b"warm-up", within=within)
+    await deliver_eventually(b, a, b"warm-up", within=within)
+    await asyncio.sleep(0.5)
+    for cl in (a, b):
+        while True:
+            try:
+                await cl.recv(timeout=0.3)
+            except Exception:  # noqa: BLE001
+                break
+
+
+async def timed_reader(client: DerpClient, st: Stream, arrived: dict[tuple[str, int], float],
+                       misdelivered: list[bytes]) -> None:
+    """Like Receiver, for one stream, noting when each packet arrived (the payload may be
+    padded after the sequence number)."""
+    loop = asyncio.get_running_loop()
+    me = client.public_key.raw.hex().encode()
+    while True:
+        p = await client.recv(timeout=60)
+        data = getattr(p, "data", None)
+        if data is None:
+            continue
+        name, dst, seq = data.split(b"|")[:3]
+        if dst != me or name != st.name.encode() or p.src != st.src.public_key.raw:
+            misdelivered.append(data)
+            continue
+        st.got.add(int(seq))
+        arrived[(st.name, int(seq))] = loop.time()
+
+
 class SlowLink:
     """A TCP relay on loopback standing in for ``tc netem`` (absent from this machine's kernel):
     every chunk is held ``delay`` seconds, in order, and ``stall()`` stops the link for a
@@ -349,37 +381,12 @@ async def test_delay_and_a_stall_on_the_mesh_link() -> None:
         a = await DerpClient.connect(mesh.url(0))
         b = await DerpClient.connect(mesh.url(1))
         clients += [a, b]
-        await deliver_eventually(a, b, b"warm-up", within=20)
-        await deliver_eventually(b, a, b"warm-up", within=20)
-        await asyncio.sleep(0.5)
-        for cl in (a, b):
-            while True:
-                try:
-                    await cl.recv(timeout=0.3)
-                except Exception:  # noqa: BLE001
-                    break
+        await warm_up(a, b, within=20)
         ab, ba = Stream("ab", a, b), Stream("ba", b, a)
-        ra, rb = Receiver(a, [ba]), Receiver(b, [ab])
         arrived: dict[tuple[str, int], float] = {}
-        loop = asyncio.get_running_loop()
-        for r in (ra, rb):
-            r.task.cancel()
-
-        async def timed(client: DerpClient, st: Stream) -> None:
-            me = client.public_key.raw.hex().encode()
-            while True:
-                p = await client.recv(timeout=60)
-                data = getattr(p, "data", None)
-                if data is None:
-                    continue
-                name, dst, seq = data.split(b"|")
-                if dst != me or name != st.name.encode() or p.src != st.src.public_key.raw:
-                    ra.misdelivered.append(data)
-                    continue
-                st.got.add(int(seq))
-                arrived[(st.name, int(seq))] = loop.time()
-
-        readers = [asyncio.create_task(timed(b, ab)), asyncio.create_task(timed(a, ba))]
+        misdelivered: list[bytes] = []
+        readers = [asyncio.create_task(timed_reader(b, ab, arrived, misdelivered)),
+                   asyncio.create_task(timed_reader(a, ba, arrived, misdelivered))]
         stop = asyncio.Event()
         pacer = asyncio.create_task(pace([ab, ba], stop, every=0.02))
         await asyncio.sleep(2)
@@ -392,7 +399,7 @@ async def test_delay_and_a_stall_on_the_mesh_link() -> None:
         await asyncio.sleep(1.5)
         for t in readers:
             t.cancel()
-        assert not ra.misdelivered
+        assert not misdelivered
         for st in (ab, ba):
             missing = set(range(st.sent)) - st.got
             assert st.sent > 200 and not missing, (st.name, st.sent, sorted(missing)[:10])
@@ -475,37 +482,15 @@ async def _lossy_mesh_in_namespace() -> dict[str, Any]:
         a = await DerpClient.connect(f"http://127.0.0.1:{ports[0]}/derp")
         b = await DerpClient.connect(f"http://127.0.0.1:{ports[1]}/derp")
         clients += [a, b]
-        await deliver_eventually(a, b, b"warm-up", within=30)
-        await deliver_eventually(b, a, b"warm-up", within=30)
-        await asyncio.sleep(0.5)
-        for cl in (a, b):
-            while True:
-                try:
-                    await cl.recv(timeout=0.3)
-                except Exception:  # noqa: BLE001
-                    break
+        await warm_up(a, b, within=30)
         v0 = [await varz(p) for p in ports]
         retrans0 = _tcp_retrans()
         ab, ba = Stream("ab", a, b), Stream("ba", b, a)
         arrived: dict[tuple[str, int], float] = {}
         loop = asyncio.get_running_loop()
         misdelivered: list[bytes] = []
-
-        async def timed(client: DerpClient, st: Stream) -> None:
-            me = client.public_key.raw.hex().encode()
-            while True:
-                p = await client.recv(timeout=60)
-                data = getattr(p, "data", None)
-                if data is None:
-                    continue
-                name, dst, seq = data.split(b"|")[:3]
-                if dst != me or name != st.name.encode() or p.src != st.src.public_key.raw:
-                    misdelivered.append(data)
-                    continue
-                st.got.add(int(seq))
-                arrived[(st.name, int(seq))] = loop.time()
-
-        readers = [asyncio.create_task(timed(b, ab)), asyncio.create_task(timed(a, ba))]
+        readers = [asyncio.create_task(timed_reader(b, ab, arrived, misdelivered)),
+                   asyncio.create_task(timed_reader(a, ba, arrived, misdelivered))]
         stop = asyncio.Event()
         pad = b"|" + b"x" * 1100  # ~1.2 kB packets: 2 x 50/s = ~1 Mbit/s, half the link
         orig = Stream.payload
