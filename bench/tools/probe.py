@@ -133,6 +133,16 @@ def merge_maps(parts: list[Path]) -> dict[str, Any]:
     return {"Regions": regions}
 
 
+def cross_node_mesh(names: dict[str, str]) -> int:
+    """How many of these probe names are mesh probes between two different nodes
+    (``derp/<rc>/<a>/<b>/mesh`` with a ≠ b): those need the mesh between the nodes."""
+    n = 0
+    for name in names:
+        parts = name.split("/")
+        n += len(parts) == 5 and parts[4] == "mesh" and parts[2] != parts[3]
+    return n
+
+
 @dataclass
 class ProbeResult:
     figures: list[Figure] = field(default_factory=list)
@@ -204,7 +214,8 @@ def measure(rounds: int, nodes: int, per_region: int, fleet_procs: int, server_c
                 if bad or run.returncode != 0 or run.timed_out:
                     first = next(iter(bad.items()), ("", run.tail(300)))
                     res.errors.append(f"{kind} (trust {trust}) round {i + 1}: exit {run.returncode}, "
-                                      f"{len(bad)} bad (first: {first[0]}: {first[1]})".replace("\n", " "))
+                                      f"{len(bad)} bad, {cross_node_mesh(bad)} of them cross-node mesh "
+                                      f"(first: {first[0]}: {first[1]})".replace("\n", " "))
                 wall[kind, trust].append(run.wall_s)
                 cpu[kind, trust].append(run.cpu_s)
                 rss[kind, trust].append(run.max_rss / 2**20)

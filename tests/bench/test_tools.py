@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.tools.measure import Figure, run_tool
-from bench.tools.probe import merge_maps
+from bench.tools.probe import cross_node_mesh, merge_maps
 from tests.goderper import REQUIRE_ENV, find_go_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +110,8 @@ def test_figure_median_and_spread() -> None:
     assert (f.median, f.low, f.high) == (2.0, 1.0, 4.0)
     assert f.spread_pct == pytest.approx(150.0)
     assert Figure("k", "label", "s", []).median is None
+
+
+def test_cross_node_mesh_counts_only_pairs_of_two_nodes() -> None:
+    assert cross_node_mesh({"derp/r900/900a/900b/mesh": "", "derp/r900/900a/900a/mesh": "",
+                            "derp/r900/900a/tls": "", "derp/r900/900b/900a/mesh": ""}) == 2
