@@ -122,14 +122,14 @@ async def test_clients_on_different_workers_reach_each_other(server: ServeProc) 
 
 
 async def test_the_kernel_spreads_clients_and_every_pair_works(server: ServeProc) -> None:
-    clients = [await DerpClient.connect(url(server.port)) for _ in range(8)]
+    clients = [await DerpClient.connect(url(server.port)) for _ in range(16)]
     try:
         per = varz(server.port)
         by = [per.get(f'derp_clients_local_by_worker{{worker="{i}"}}', 0) for i in (0, 1)]
-        # 8 connections all on one worker has probability 2/256; if it happens, say so.
-        assert sum(by) == 8 and min(by) >= 1, by
+        # 16 connections all on one worker has probability 2/65536.
+        assert sum(by) == 16 and min(by) >= 1, by
         for i, src in enumerate(clients):
-            await deliver_eventually(src, clients[(i + 1) % 8], f"ring {i}".encode(), within=5)
+            await deliver_eventually(src, clients[(i + 1) % 16], f"ring {i}".encode(), within=5)
     finally:
         for c in clients:
             await c.close()
