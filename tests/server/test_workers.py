@@ -313,9 +313,16 @@ async def test_go_client_across_workers_then_sigterm_sends_restarting() -> None:
         await sp.stop()
 
 
-async def test_a_killed_worker_is_restarted_and_the_other_keeps_relaying() -> None:
-    sp = await start_workers()
+async def test_a_killed_worker_is_restarted_and_the_other_keeps_relaying(tmp_path: Path) -> None:
+    rate = tmp_path / "rate.json"
+    rate.write_text('{"PerClientRateLimitBytesPerSec": 0}')
+    sp = await start_workers("-rate-config", str(rate))
     try:
+        # SIGHUP to the parent reaches every worker (here: the -rate-config reload).
+        sp.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while not all(any(f"[w{i}] derper: received SIGHUP" in line for line in sp.log) for i in (0, 1)):
+                await asyncio.sleep(0.05)
         ports = private_ports(sp)
         pids = [int(p) for p in _PIDS_RE.search("".join(sp.log)).group(1).split(", ")]  # type: ignore[union-attr]
         a = await DerpClient.connect(url(ports[0]))
