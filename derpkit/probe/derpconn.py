@@ -16,13 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 from derpkit.client import DerpCertificateError, DerpClient, DerpConnectionError, DerpTimeoutError
+from derpkit.client.tls import unverified_context
 from derpkit.protocol.keys import MeshKey
 
 from .diagnose import derp_failure, tls_failure
 from .dmap import Node
 from .model import Failed
 
-__all__ = ["ProbeEnv", "connect_node", "presented_leaf", "unverified_context"]
+__all__ = ["ProbeEnv", "connect_node", "presented_leaf"]
 
 
 @dataclass
@@ -53,13 +54,6 @@ def _is_ip(s: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def unverified_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 async def presented_leaf(host: str, port: int, sni: str | None, timeout: float) -> bytes | None:

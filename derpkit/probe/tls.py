@@ -24,10 +24,10 @@ import ssl
 import warnings
 from typing import Any
 
-from derpkit.client.tls import parse_pin
+from derpkit.client.tls import default_context, parse_pin, unverified_context
 from derpkit.protocol.constants import META_CERT_CN_PREFIX
 
-from .derpconn import ProbeEnv, _is_ip, presented_leaf, unverified_context
+from .derpconn import ProbeEnv, _is_ip, presented_leaf
 from .diagnose import _fmt_age, cert_summary, pin_mismatch, tcp_failure, tls_failure
 from .dmap import Node
 from .model import Failed
@@ -78,7 +78,7 @@ async def probe_tls(node: Node, env: ProbeEnv, timeout: float) -> dict[str, Any]
     if pin is not None or node.insecure_for_tests:
         ctx = unverified_context()
     else:
-        ctx = ssl.create_default_context()
+        ctx = default_context()
     server_hostname = sni if ctx.verify_mode == ssl.CERT_NONE else check_name
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
