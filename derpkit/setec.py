@@ -170,7 +170,7 @@ def decode_cache(data: bytes) -> dict[str, CachedSecret | None]:
         last = _field(entry, "lastAccess")
         if last is None:
             last_access = 0
-        elif isinstance(last, str) and last.lstrip("-").isdigit():
+        elif isinstance(last, str) and last.isascii() and last.lstrip("-").isdigit():
             last_access = int(last)
         else:
             raise ValueError(f"{name!r}: lastAccess: want an integer inside a string")

@@ -48,7 +48,7 @@ async def request(
         body = b""
         if method != "HEAD" and head.status not in (101, 204, 304):
             cl = head.header("Content-Length")
-            if cl.isdigit():
+            if cl.isascii() and cl.isdigit():  # str.isdigit() also takes '²'
                 body = await raw.read_body(int(cl), timeout)
             elif "chunked" in head.header("Transfer-Encoding").lower():
                 body = _unchunk(await raw.read_body(1 << 20, timeout))

@@ -104,3 +104,20 @@ def test_non_finite_number_for_an_integer_field_is_a_map_error(value: bytes) -> 
     with pytest.raises(dmap.MapError, match="STUNPort must be an integer"):
         dmap.parse_map(data)
     T.check_derp_map(data)
+
+
+def test_a_unicode_digit_is_not_a_number_anywhere_we_read_text() -> None:
+    """The '²' trap (``str.isdigit()`` is True, ``int()`` refuses) found by atheris in the
+    client core was also in three readers of text: the -stun-rfc5780 alternate port, the
+    setec cache's lastAccess and the conformance suite's Content-Length. Each now gives
+    its own message for it, like any other non-number."""
+    import json
+
+    from derpkit import setec
+    from derpkit.server.config.settings import split_rfc5780_alt
+
+    with pytest.raises(ValueError, match="must be a number from 0 to"):
+        split_rfc5780_alt("127.0.0.2:\u00b2")
+    cache = json.dumps({"n": {"secret": None, "lastAccess": "\u00b2"}}).encode()
+    with pytest.raises(ValueError, match="lastAccess: want an integer inside a string"):
+        setec.decode_cache(cache)

@@ -181,7 +181,7 @@ def split_rfc5780_alt(value: str) -> tuple[str, int | None]:
             host, ptext = split_host_port(text)
         except GoValueError as e:
             raise ValueError(f"want IP or IP:port ({e.reason})") from None
-        if not ptext.isdigit() or not 0 <= int(ptext) <= MAX_PORT:
+        if not (ptext.isascii() and ptext.isdigit()) or not 0 <= int(ptext) <= MAX_PORT:
             raise ValueError(f"port {ptext!r} must be a number from 0 to {MAX_PORT}") from None
         port = int(ptext)
     try:
