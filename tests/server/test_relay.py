@@ -532,6 +532,58 @@ async def test_websocket_text_message_closes_with_1003_and_is_counted() -> None:
             await session.close()
 
 
+async def test_a_websocket_reader_that_stops_is_paused_and_head_dropped_alone() -> None:
+    """The WebSocket path writes frames straight to the connection's transport, so the
+    flow control is its own: a WebSocket client that stops reading must be paused at the
+    high-water mark (its packets then queue and head-drop, counted) with the server's
+    buffer for it bounded, while a TCP pair beside it keeps exchanging; when it reads
+    again it gets packets again."""
+    from derpkit.server.relay.websocket import _HIGH_WATER
+
+    async with running_node(write_timeout=60.0) as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        session, ws = await _ws_open(node, ("derp",))
+        try:
+            key = NodePrivate.generate()
+            core = ClientConnection(key, host="x", websocket=True, read_timeout=None)
+            core.start(0.0)
+            core.receive_data(await ws.receive_bytes(timeout=5), 0.0)
+            await ws.send_bytes(core.data_to_send())
+            async with asyncio.timeout(5):
+                while key.public().raw not in node.server.clients:
+                    await asyncio.sleep(0.01)
+            stuck = node.server.clients[key.public().raw].active
+            assert stuck is not None
+            payload = os.urandom(1200)
+            drops = node.server.stats.dropped_packets
+            async with asyncio.timeout(30):
+                # Up to 48 MB, stopping at the first head-drop: loopback's socket buffers
+                # alone can hold ten of those megabytes before the server sees a backlog.
+                for i in range(40_000):
+                    await a.send(key.public(), payload)
+                    if i % 200 == 0:
+                        await asyncio.sleep(0.001)
+                        if drops.get(("queue_head", "other")):
+                            break
+                while not drops.get(("queue_head", "other")):
+                    await asyncio.sleep(0.01)
+            assert stuck._paused  # noqa: SLF001
+            raw = stuck.transport._raw  # noqa: SLF001
+            assert raw.get_write_buffer_size() < 2 * _HIGH_WATER + 64 * 1024
+            await exchange(a, b, 3)  # nobody else slowed
+            # Reading again drains the backlog; the connection resumes and delivers.
+            got = 0
+            async with asyncio.timeout(20):
+                while not got or stuck._paused:  # noqa: SLF001
+                    data = await ws.receive_bytes(timeout=5)
+                    got += sum(isinstance(ev, F.RecvPacket) for ev in core.receive_data(data, 1.0))
+            assert got > 0
+        finally:
+            await ws.close()
+            await session.close()
+
+
 async def test_websocket_offering_only_another_subprotocol_closes_with_1008() -> None:
     """The WebSocket path is taken when ``Sec-WebSocket-Protocol`` contains "derp" (Go's
     substring test); if ``derp`` itself is not among the offers, derper accepts the
