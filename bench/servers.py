@@ -164,6 +164,9 @@ class Server:
             if len(self.log) < 2000:
                 self.log.append(line)
 
+    #: seconds between SIGTERM and SIGKILL in ``stop``
+    stop_grace = 10.0
+
     def stop(self) -> None:
         p, self.proc = self.proc, None
         if p is None or p.poll() is not None:
@@ -171,7 +174,7 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=self.stop_grace)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
