@@ -152,6 +152,10 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def _default_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @dataclass
 class GoDerper:
     """A running derper; ``url`` is ready for ``DerpClient.connect``."""
@@ -257,6 +261,9 @@ class GoDerper:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env={**os.environ, **self.env} if self.env else None,
+                # As an operator starts it: a run under nohup would hand derper an ignored
+                # SIGHUP, which Go keeps ignored, and the SIGHUP tests would see another program.
+                preexec_fn=_default_sighup,
             )
         finally:
             log.close()
