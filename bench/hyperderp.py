@@ -132,20 +132,16 @@ class HyperDerpServer(Server):
         self.metrics_port = free_port() if self._metrics else 0
         self.argv = self._args()
         self.proc = self._spawn()
-        assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         # Hyper-DERP logs through spdlog to stdout; readiness is its accept-loop line.
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("hyper-derp exited:\n" + b"".join(self.log[-30:]).decode(errors="replace"))
-            self.log.append(line)
-            if _READY_RE.search(line):
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("hyper-derp did not start in time:\n"
-                                   + b"".join(self.log[-30:]).decode(errors="replace"))
+        try:
+            ready = self._await_line(_READY_RE, deadline)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("hyper-derp did not start in time:\n"
+                               + b"".join(self.log[-30:]).decode(errors="replace")) from None
+        if ready is None:
+            raise RuntimeError("hyper-derp exited:\n" + b"".join(self.log[-30:]).decode(errors="replace"))
         threading.Thread(target=self._pump, daemon=True).start()
         self._wait_http(deadline)
         return self

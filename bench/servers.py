@@ -180,6 +180,20 @@ class Server:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
 
+    def _await_line(self, pattern: re.Pattern[bytes], deadline: float) -> re.Match[bytes] | None:
+        """Read the server's output (kept in ``log``) until a line matches ``pattern``; None
+        when the output ends first, TimeoutError when a line arrives after ``deadline``."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                return None
+            self.log.append(line)
+            if m := pattern.search(line):
+                return m
+            if time.monotonic() > deadline:
+                raise TimeoutError
+
     def __enter__(self) -> Server:
         return self
 
@@ -207,26 +221,21 @@ class DerpkitServer(Server):
 
     def start(self, timeout: float = 20.0) -> DerpkitServer:
         self.proc = self._spawn()
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                lines = self.tail(2000).strip().splitlines()
-                self.stop()
-                # A bad flag prints its error first, then the usage; anything else ends
-                # with the message.
-                why = (lines[0] if any("Usage" in x for x in lines) else lines[-1]) if lines else ""
-                raise RuntimeError("derpkit serve exited before listening"
-                                   + (f": {why.strip()}" if why else " (no output)")
-                                   + ("\n" + "\n".join(lines) if len(lines) > 1 else ""))
-            self.log.append(line)
-            if m := _PORT_RE.search(line):
-                self.port = int(m.group(1))
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("derpkit serve did not start in time")
+        try:
+            m = self._await_line(_PORT_RE, time.monotonic() + timeout)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("derpkit serve did not start in time") from None
+        if m is None:
+            lines = self.tail(2000).strip().splitlines()
+            self.stop()
+            # A bad flag prints its error first, then the usage; anything else ends
+            # with the message.
+            why = (lines[0] if any("Usage" in x for x in lines) else lines[-1]) if lines else ""
+            raise RuntimeError("derpkit serve exited before listening"
+                               + (f": {why.strip()}" if why else " (no output)")
+                               + ("\n" + "\n".join(lines) if len(lines) > 1 else ""))
+        self.port = int(m.group(1))
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 
